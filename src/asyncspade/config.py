@@ -1,0 +1,74 @@
+"""One dataclass of sparse-attention settings, shared by the engine, the CLI, the server and the evals."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+METHODS = ("full", "oracle", "quest", "asyncspade", "lastq", "streaming")
+PREDICTORS = ("ridge", "xlayer", "hybrid")
+RIDGE_KINDS = ("ar", "mean", "linear", "last")
+
+
+class ConfigError(ValueError):
+    """A bad combination of settings; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    method: str = "full"
+    budget: int = 1024          # tokens attended per (sequence, sparse layer, KV head), sink + recent included
+    page_size: int = 16         # Quest page size
+    sink: int = 4               # first tokens always attended
+    recent: int = 16            # newest tokens always attended (covers the tokens a step-ahead selection cannot see)
+    dense_layers: int = 2       # the first layers stay dense
+    predictor: str = "hybrid"   # asyncspade's query forecaster: ridge (paper), xlayer, hybrid
+    lead: int = 1               # xlayer/hybrid: forecast layer l from the residual entering layer l-lead
+    window: int = 16            # ridge: sliding window of recent queries
+    order: int = 4              # ridge: AR order p
+    ridge: float = 1e-2         # ridge: regulariser, relative to the mean diagonal of X^T X
+    ridge_kind: str = "ar"      # ar (scalar lags, the paper's reconstruction), mean, linear (2q_t - q_{t-1}), last
+    superset: int = 4           # hybrid: the step-ahead temporal pass keeps superset * k candidates
+    aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
+
+    @property
+    def sparse(self) -> bool:
+        return self.method != "full"
+
+    @property
+    def k_mid(self) -> int:
+        """Tokens chosen by the method, between the sinks and the recent window."""
+        return self.budget - self.sink - self.recent
+
+    def validate(self, num_layers: int | None = None) -> "SparseConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.predictor not in PREDICTORS:
+            raise ConfigError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(PREDICTORS)}")
+        if self.ridge_kind not in RIDGE_KINDS:
+            raise ConfigError(f"unknown ridge kind {self.ridge_kind!r}; choose one of: {', '.join(RIDGE_KINDS)}")
+        if self.aggregate not in ("sum", "max"):
+            raise ConfigError("aggregate must be 'sum' or 'max'")
+        if self.budget <= 0:
+            raise ConfigError(f"budget must be positive, got {self.budget}")
+        if self.sink < 0 or self.recent < 1:
+            raise ConfigError("sink must be >= 0 and recent >= 1 (the newest token is always attended)")
+        if self.method != "full" and self.budget <= self.sink + self.recent:
+            raise ConfigError(f"budget ({self.budget}) must exceed sink + recent ({self.sink} + {self.recent})")
+        if self.page_size <= 0 or (self.method == "quest" and self.k_mid < self.page_size):
+            raise ConfigError(f"quest needs budget - sink - recent ({self.k_mid}) >= page size ({self.page_size})")
+        if self.dense_layers < 0 or (num_layers is not None and self.dense_layers > num_layers):
+            raise ConfigError(f"dense_layers must be within 0..{num_layers}")
+        if self.lead < 1:
+            raise ConfigError("lead must be >= 1 layer")
+        if self.window < 2 or not (1 <= self.order < self.window):
+            raise ConfigError("ridge needs window >= 2 and 1 <= order < window")
+        if self.ridge < 0:
+            raise ConfigError("ridge must be >= 0")
+        if self.superset < 1:
+            raise ConfigError("superset must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "SparseConfig":
+        return replace(self, **changes)

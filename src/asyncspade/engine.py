@@ -1,0 +1,237 @@
+"""The decode engine: slots, chunked dense prefill, batched decode over sequences of different lengths,
+sampling, stop rules, streaming events and timing.
+
+The Hugging Face model's modules do the math; the engine owns the loop (embedding -> decoder layers -> norm ->
+LM head on the last position only), the preallocated KV store and the sparse-attention runtime. Sequences join
+(prefill) and leave between decode steps; every forward runs over the contiguous slot range of the running
+sequences, with free slots in that range carried as cheap dummy rows so every K/V read stays a view.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import register
+from .config import SparseConfig
+from .kvcache import Batch, KVStore, StoreCache
+from .runtime import SparseRuntime
+from .sampling import SamplingParams, make_generator, sample
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad prompt or limits); the message is meant for the user."""
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    t_submit: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    _emitted: int = 0            # characters of text already streamed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def ttft_s(self) -> float:
+        return self.t_first - self.t_submit if self.t_first else 0.0
+
+    @property
+    def tpot_s(self) -> float:
+        n = len(self.output_ids)
+        return (self.t_last - self.t_first) / (n - 1) if n > 1 else 0.0
+
+
+@dataclass
+class Event:
+    seq: Sequence
+    token_ids: list[int]
+    text: str                 # newly final text (stop strings held back until resolved)
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
+                 max_tokens: int | None = None, prefill_chunk: int = 512, selector=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens or self.config.max_position_embeddings
+        self.prefill_chunk = prefill_chunk
+        model.set_attn_implementation(register())
+        dtype = next(model.parameters()).dtype
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.store = KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
+                             self.max_tokens, head_dim, dtype, self.sparse.page_size,
+                             track_pages=self.sparse.method == "quest")
+        self.cache = StoreCache(self.store)
+        self.cache.engine_driven = True
+        self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector)
+        self.eos_ids = self._eos_ids()
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: list[Sequence] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.config, self.tokenizer):
+            e = getattr(src, "eos_token_id", None)
+            ids.update(e if isinstance(e, (list, tuple)) else [e] if e is not None else [])
+        return ids
+
+    # ---------------------------------------------------------------- requests
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+        params = (params or SamplingParams()).validate()
+        if not prompt_ids:
+            raise RequestError("empty prompt")
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.max_tokens:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
+                               f"exceeds the context of {self.max_tokens} tokens")
+        seq = Sequence(next(self._ids), list(prompt_ids), params, t_submit=time.perf_counter())
+        seq.generator = make_generator(params.seed)
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Finish ``seq`` now (e.g. its client went away); its slot is freed at once."""
+        with self._lock:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+        if not seq.finished:
+            seq.finish_reason = "abort"
+        self._release(seq)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    # ---------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting sequences (prefill + first token), then one decode step for all running ones."""
+        events = []
+        while True:
+            with self._lock:
+                if not self.waiting or None not in self.slots:
+                    break
+                seq = self.waiting.pop(0)
+            events.append(self._prefill(seq))
+        running = [s for s in self.slots if s is not None and not s.finished]
+        if running:
+            events += self._decode(running)
+        return events
+
+    def _prefill(self, seq: Sequence) -> Event:
+        slot = self.slots.index(None)
+        self.slots[slot], seq.slot = seq, slot
+        self.rt.begin_sequence(slot, slot + 1)
+        ids = torch.tensor(seq.prompt_ids).view(1, -1)
+        n = ids.shape[1]
+        for o in range(0, n, self.prefill_chunk):
+            chunk = ids[:, o:o + self.prefill_chunk]
+            L = chunk.shape[1]
+            batch = Batch(slot, slot + 1, torch.tensor([o]), L)
+            batch.final = o + L == n
+            mask = None
+            if o > 0 and L > 1:          # chunk after the first: causal with an offset
+                mask = (torch.arange(o + L)[None, :] <= torch.arange(o, o + L)[:, None]).view(1, 1, L, o + L)
+            logits = self._forward(chunk, torch.arange(o, o + L).view(1, -1), batch, mask)
+        self.store.lengths[slot] = n
+        return self._append(seq, logits[0])
+
+    def _decode(self, running: list[Sequence]) -> list[Event]:
+        lo = min(s.slot for s in running)
+        hi = max(s.slot for s in running) + 1
+        ids = torch.zeros(hi - lo, 1, dtype=torch.int64)
+        start = torch.zeros(hi - lo, dtype=torch.int64)      # free slots in the range: dummy rows at position 0
+        for s in running:
+            ids[s.slot - lo, 0] = s.output_ids[-1]
+            start[s.slot - lo] = len(s.prompt_ids) + len(s.output_ids) - 1
+        batch = Batch(lo, hi, start, 1)
+        logits = self._forward(ids, start.view(-1, 1), batch)
+        for s in running:
+            self.store.lengths[s.slot] = int(batch.lengths[s.slot - lo])
+        return [self._append(s, logits[s.slot - lo]) for s in running]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch, mask=None) -> torch.Tensor:
+        """Run the decoder over ``ids [B, L]``; returns fp32 logits of the last position ``[B, V]``."""
+        self.cache.batch = batch
+        m = self.model.model
+        h = m.embed_tokens(ids)
+        pe = m.rotary_emb(h, positions)
+        for layer in m.layers:
+            h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      position_embeddings=pe, use_cache=True)
+        h = m.norm(h[:, -1:])
+        return self.model.lm_head(h)[:, 0].float()
+
+    # ---------------------------------------------------------------- tokens -> text, stop rules
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> Event:
+        tok = sample(logits, seq.params, seq.generator)
+        now = time.perf_counter()
+        if not seq.output_ids:
+            seq.t_first = now
+        seq.t_last = now
+        p = seq.params
+        if tok in self.eos_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+            new_ids = []
+        else:
+            seq.output_ids.append(tok)
+            new_ids = [tok]
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            for s in p.stop:
+                cut = seq.text.find(s)
+                if cut >= 0:
+                    seq.text, seq.finish_reason = seq.text[:cut], "stop"
+            if seq.finish_reason is None and len(seq.output_ids) >= p.max_tokens:
+                seq.finish_reason = "length"
+        if seq.finished:
+            self._release(seq)
+        return Event(seq, new_ids, self._emit(seq), seq.finished)
+
+    def _emit(self, seq: Sequence) -> str:
+        """Text that can be streamed now: hold back an incomplete UTF-8 tail and a possible stop-string prefix."""
+        end = len(seq.text)
+        if not seq.finished:
+            if seq.text.endswith("\ufffd"):
+                end -= 1
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            end = max(seq._emitted, end - hold)
+        out = seq.text[seq._emitted:end]
+        seq._emitted = max(seq._emitted, end)
+        return out
+
+    def _release(self, seq: Sequence) -> None:
+        if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+
+    def run(self, seqs: list[Sequence], on_event=None) -> list[Sequence]:
+        """Step until ``seqs`` are finished."""
+        while any(not s.finished for s in seqs):
+            for ev in self.step():
+                if on_event is not None:
+                    on_event(ev)
+        return seqs
+
+    def close(self) -> None:
+        self.rt.close()

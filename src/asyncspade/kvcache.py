@@ -1,0 +1,173 @@
+"""Preallocated per-layer K/V storage written in place, plus Quest page min/max.
+
+Layout: one tensor per kind, ``[layers, slots, kv_heads, max_tokens, head_dim]``. A slot holds one sequence;
+the engine runs every forward over a contiguous slot range ``[lo, hi)`` so that every per-layer read is a view.
+The same storage can be moved to shared memory for the cache-rank worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class Batch:
+    """What the current forward touches: slots ``[lo, hi)``; row b writes ``q_len`` tokens at ``start[b]``."""
+    lo: int
+    hi: int
+    start: torch.Tensor      # int64 [B]: cache length of each row before this forward
+    q_len: int
+
+    def __post_init__(self):
+        self.lengths = self.start + self.q_len          # cache length of each row after this forward
+        self.max_len = int(self.lengths.max())
+        self.min_len = int(self.lengths.min())
+        self.rows = torch.arange(self.hi - self.lo)
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+class KVStore:
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_tokens: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, page_size: int = 16, track_pages: bool = False):
+        self.num_layers, self.slots, self.kv_heads = num_layers, slots, kv_heads
+        self.max_tokens, self.head_dim, self.dtype = max_tokens, head_dim, dtype
+        shape = (num_layers, slots, kv_heads, max_tokens, head_dim)
+        # zeros, not empty: unused rows are gathered under a -inf mask, and 0 * NaN garbage would still be NaN
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.page_size = page_size
+        self.track_pages = track_pages
+        if track_pages:
+            pages = (max_tokens + page_size - 1) // page_size
+            pshape = (num_layers, slots, kv_heads, pages, head_dim)
+            self.pmin = torch.zeros(pshape, dtype=dtype)
+            self.pmax = torch.zeros(pshape, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.int64)   # committed tokens per slot
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * self.k.element_size()
+
+    def share_memory_(self) -> "KVStore":
+        for t in self.tensors():
+            t.share_memory_()
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        ts = [self.k, self.v, self.lengths]
+        if self.track_pages:
+            ts += [self.pmin, self.pmax]
+        return ts
+
+    def write(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new keys/values ``[B, kv_heads, q_len, D]`` of ``batch`` at their positions."""
+        K, V = self.k[layer, batch.lo:batch.hi], self.v[layer, batch.lo:batch.hi]
+        if batch.q_len == 1:
+            pos = batch.start
+            K[batch.rows, :, pos] = k[:, :, 0]
+            V[batch.rows, :, pos] = v[:, :, 0]
+            if self.track_pages:
+                self._page_append(layer, batch, k[:, :, 0])
+        else:
+            assert batch.size == 1, "multi-token writes (prefill) go one sequence at a time"
+            o = int(batch.start[0])
+            K[0, :, o:o + batch.q_len] = k[0]
+            V[0, :, o:o + batch.q_len] = v[0]
+            if self.track_pages:
+                self._page_rebuild(layer, batch.lo, o, o + batch.q_len)
+
+    def _page_append(self, layer: int, batch: Batch, k: torch.Tensor) -> None:
+        pmin, pmax = self.pmin[layer, batch.lo:batch.hi], self.pmax[layer, batch.lo:batch.hi]
+        page = batch.start // self.page_size
+        first = (batch.start % self.page_size == 0).view(-1, 1, 1)
+        pmin[batch.rows, :, page] = torch.where(first, k, torch.minimum(pmin[batch.rows, :, page], k))
+        pmax[batch.rows, :, page] = torch.where(first, k, torch.maximum(pmax[batch.rows, :, page], k))
+
+    def _page_rebuild(self, layer: int, slot: int, begin: int, end: int) -> None:
+        """Recompute the min/max of every page touched by tokens ``[begin, end)`` from the stored keys."""
+        ps = self.page_size
+        p0, p1 = begin // ps, (end - 1) // ps + 1
+        keys = self.k[layer, slot, :, p0 * ps:end]                         # [kvh, n, D]
+        pad = p1 * ps - end
+        lo_pad = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("inf"))
+        hi_pad = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf"))
+        shape = (self.kv_heads, p1 - p0, ps, self.head_dim)
+        self.pmin[layer, slot, :, p0:p1] = lo_pad.view(shape).amin(2)
+        self.pmax[layer, slot, :, p0:p1] = hi_pad.view(shape).amax(2)
+
+    def keys(self, layer: int, batch: Batch, upto: int | None = None) -> torch.Tensor:
+        """View ``[B, kv_heads, upto, D]`` of the batch's keys (default: up to the longest row)."""
+        return self.k[layer, batch.lo:batch.hi, :, :batch.max_len if upto is None else upto]
+
+    def values(self, layer: int, batch: Batch, upto: int | None = None) -> torch.Tensor:
+        return self.v[layer, batch.lo:batch.hi, :, :batch.max_len if upto is None else upto]
+
+
+class StoreCache(Cache):
+    """A transformers ``Cache`` backed by a :class:`KVStore`.
+
+    The engine sets :attr:`batch` before each forward. Under ``model.generate`` (the drop-in path) nobody does,
+    so the cache derives a uniform batch over slots ``[0, B)`` itself when layer 0 is updated.
+    """
+
+    def __init__(self, store: KVStore, first_layer: int = 0):
+        super().__init__(layers=[])
+        self.store = store
+        self.batch: Batch | None = None
+        self.engine_driven = False
+        self._len = 0                 # drop-in: uniform length of every row
+        self._first_layer = first_layer
+
+    # -- transformers Cache API used by the models and by generate() --
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.engine_driven and layer_idx == self._first_layer:
+            b, _, q_len, _ = key_states.shape
+            if b > self.store.slots or self._len + q_len > self.store.max_tokens:
+                raise ValueError(f"KV store holds {self.store.slots} sequences of {self.store.max_tokens} tokens")
+            self.batch = Batch(0, b, torch.full((b,), self._len, dtype=torch.int64), q_len)
+            self._len += q_len
+            self.store.lengths[:b] = self._len
+        batch = self.batch
+        self.store.write(layer_idx, batch, key_states, value_states)
+        return self.store.keys(layer_idx, batch), self.store.values(layer_idx, batch)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.store.max_tokens
+
+    def __len__(self) -> int:
+        return self.store.num_layers
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._len > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self._len = 0
+        self.store.lengths.zero_()

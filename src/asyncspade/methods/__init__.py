@@ -1,0 +1,22 @@
+"""Selection methods, one small file each, behind one interface and a registry of names."""
+from __future__ import annotations
+
+from ..config import SparseConfig
+from .base import Selection, SelectionMethod
+from .full import Full
+from .streaming import Streaming
+from .oracle import Oracle
+from .quest import Quest
+from .asyncspade import AsyncSpade
+from .lastq import LastQ
+
+REGISTRY: dict[str, type[SelectionMethod]] = {
+    m.name: m for m in (Full, Streaming, Oracle, Quest, AsyncSpade, LastQ)
+}
+
+
+def make_method(cfg: SparseConfig) -> SelectionMethod:
+    return REGISTRY[cfg.method](cfg)
+
+
+__all__ = ["REGISTRY", "Selection", "SelectionMethod", "make_method"]

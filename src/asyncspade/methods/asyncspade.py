@@ -1,0 +1,74 @@
+"""AsyncSpade: exact top-k tokens scored with a *forecast* query, selected ahead of the layer that uses them.
+
+Forecasters (``cfg.predictor``):
+- ``ridge``  (the paper): after layer l of step t has produced its query, forecast q_{t+1} with the temporal ridge
+  predictor and pick step t+1's tokens from every key visible now. A whole step of slack.
+- ``xlayer``: when the residual stream enters layer l - lead of step t, compute layer l's query from it and pick
+  from every key. ``lead`` layers of slack, much closer to the true query.
+- ``hybrid`` (default): the step-ahead ridge pass keeps ``superset * k`` candidates, and the cross-layer query picks
+  the exact top-k among them. The full scan enjoys a step of slack; the late refinement touches only the superset.
+
+Everything here only reads what exists when the selection would start, so the asynchronous selector can run the
+very same functions on another core (``selector.py``); only *when* they run changes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import SparseConfig
+from ..predictor import QueryWindows, forecast, xlayer_query
+from ..scoring import topk_among, topk_tokens
+from .base import Selection, SelectionMethod
+
+
+def ahead_width(cfg: SparseConfig, max_tokens: int) -> int:
+    """Entries the step-ahead pass keeps per (slot, layer, KV head)."""
+    m = cfg.superset * cfg.k_mid if cfg.predictor == "hybrid" else cfg.k_mid
+    return min(m, max_tokens - cfg.sink)
+
+
+def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
+                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int) -> torch.Tensor:
+    """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query and return
+    the top-``width`` positions for the next step ``[B, KVH, width]``.
+
+    ``keys`` is the slot range's whole key buffer ``[B, KVH, max_tokens, D]``; ``lengths`` the tokens visible now.
+    The next step's cache holds ``lengths + 1`` tokens, whose newest ``recent`` are attended anyway.
+    """
+    windows.push(li, lo, hi, q)
+    w, count = windows.get(li, lo, hi)
+    q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
+    return topk_tokens(q_hat, keys, cfg.sink, lengths + 1 - cfg.recent, width, scale, cfg.aggregate,
+                       min_width=width)
+
+
+def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
+                cand: torch.Tensor | None) -> torch.Tensor:
+    """Top-k for the current step (cache of ``lengths`` tokens) with the cross-layer query ``q_x [B, H, D]``, over
+    every candidate key, or only among the step-ahead candidates ``cand [B, KVH, M]``."""
+    hi = lengths - cfg.recent
+    if cand is None:
+        return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
+    return topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=cand < hi.view(-1, 1, 1))
+
+
+class AsyncSpade(SelectionMethod):
+    name = "asyncspade"
+    ahead = True
+
+    def __init__(self, cfg: SparseConfig):
+        super().__init__(cfg)
+        self.temporal = cfg.predictor in ("ridge", "hybrid")
+        self.xlayer = cfg.predictor in ("xlayer", "hybrid")
+
+    def select(self, ctx, layer, q, batch):
+        return Selection(ctx.selector.get(layer, batch))
+
+    def observe(self, ctx, layer, q, batch):
+        if self.temporal:
+            ctx.selector.on_query(layer, q, batch)
+
+    def before_layer(self, ctx, layer, hidden, position_embeddings, batch):
+        if self.xlayer:
+            for target in ctx.xlayer_targets.get(layer, ()):
+                ctx.selector.on_xlayer(target, xlayer_query(ctx.layers[target], hidden, position_embeddings), batch)

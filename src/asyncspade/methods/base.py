@@ -1,0 +1,39 @@
+"""The interface every selection method implements."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SparseConfig
+
+
+@dataclass
+class Selection:
+    """Token positions chosen between the sinks and the recent window, per (row, KV head).
+
+    ``idx [B, KVH, k]`` absolute positions; ``valid`` (same shape, bool) marks the entries to attend, or None if all.
+    """
+    idx: torch.Tensor
+    valid: torch.Tensor | None = None
+
+
+class SelectionMethod:
+    name = "base"
+    needs_pages = False      # keep Quest page min/max in the KV store
+    ahead = False            # the selection is computed before the layer runs (by the selector), not inside it
+
+    def __init__(self, cfg: SparseConfig):
+        self.cfg = cfg
+
+    def select(self, ctx, layer: int, q: torch.Tensor, batch) -> Selection | None:
+        """Called inside a sparse layer's decode attention with the true current query ``q [B, H, D]`` when some
+        row's cache exceeds the budget. Return None for dense attention."""
+        raise NotImplementedError
+
+    def observe(self, ctx, layer: int, q: torch.Tensor, batch) -> None:
+        """Called after a sparse layer's attention with its real queries ``[B, H, L, D]`` (decode or final prefill
+        chunk). Methods that select ahead feed the selector here."""
+
+    def before_layer(self, ctx, layer: int, hidden: torch.Tensor, position_embeddings, batch) -> None:
+        """Called when the residual stream ``hidden`` enters decoder layer ``layer`` during decode."""

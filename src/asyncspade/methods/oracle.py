@@ -1,0 +1,12 @@
+"""Exact top-k tokens with the true current query, selected serially inside the layer: the accuracy bound."""
+from ..scoring import topk_tokens
+from .base import Selection, SelectionMethod
+
+
+class Oracle(SelectionMethod):
+    name = "oracle"
+
+    def select(self, ctx, layer, q, batch):
+        c = self.cfg
+        keys = ctx.store.keys(layer, batch)
+        return Selection(topk_tokens(q, keys, c.sink, batch.lengths - c.recent, c.k_mid, ctx.scale, c.aggregate))

@@ -1,0 +1,23 @@
+"""Quest (page-level, synchronous): score pages of post-RoPE keys by the upper bound built from their
+channel-wise min/max, keep the top ``k / page_size`` pages."""
+import torch
+
+from ..scoring import topk_pages
+from .base import Selection, SelectionMethod
+
+
+class Quest(SelectionMethod):
+    name = "quest"
+    needs_pages = True
+
+    def select(self, ctx, layer, q, batch):
+        c = self.cfg
+        ps = c.page_size
+        hi = batch.lengths - c.recent                       # candidate tokens: [sink, hi)
+        p_lo, p_hi = c.sink // ps, (hi - 1) // ps + 1       # pages overlapping the candidates
+        st = ctx.store
+        pages = topk_pages(q, st.pmin[layer, batch.lo:batch.hi], st.pmax[layer, batch.lo:batch.hi],
+                           p_lo, p_hi, c.k_mid // ps, ctx.scale, c.aggregate)          # [B, KVH, P]
+        idx = (pages[..., None] * ps + torch.arange(ps)).flatten(-2)                  # [B, KVH, P * ps]
+        valid = (idx >= c.sink) & (idx < hi.view(-1, 1, 1))
+        return Selection(idx, valid)

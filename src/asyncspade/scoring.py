@@ -1,0 +1,97 @@
+"""Scoring and top-k: the one piece of selection code shared by every method, synchronous or asynchronous.
+
+Shapes: queries ``[B, H, D]`` (H query heads), keys ``[B, KVH, n, D]``; query head h belongs to KV head h // group.
+GQA: per-head softmax over the candidates, then sum (or max) over the heads of a group, so each KV head gets one set
+that its whole group shares.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASKED = -1e30   # finite: a row whose candidates are all masked must not turn into NaN
+
+
+def group_scores(q: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor | None = None,
+                 aggregate: str = "sum") -> torch.Tensor:
+    """Aggregated attention probability of every key, ``[B, KVH, n]`` (fp32).
+
+    ``valid`` is a bool mask ``[B, n]`` (or broadcastable to ``[B, KVH, n]``) of the candidate keys.
+    """
+    b, h, d = q.shape
+    kvh = keys.shape[1]
+    qg = q.view(b, kvh, h // kvh, d).to(keys.dtype)
+    s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale           # [B, KVH, g, n]
+    if valid is not None:
+        v = valid if valid.dim() == 3 else valid[:, None, :]
+        s = s.masked_fill(~v[:, :, None, :], _MASKED)
+    p = s.softmax(-1)
+    return p.sum(2) if aggregate == "sum" else p.amax(2)
+
+
+def candidate_mask(lo: int, hi: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` bool: position ``lo + j`` is a candidate of row b iff ``lo + j < hi[b]``."""
+    return (torch.arange(lo, lo + width) < hi[:, None])
+
+
+def topk_tokens(q: torch.Tensor, keys: torch.Tensor, lo: int, hi: torch.Tensor, k: int, scale: float,
+                aggregate: str = "sum", min_width: int = 0) -> torch.Tensor:
+    """Exact top-k token positions in ``[lo, hi[b])`` for each (row, KV head): ``[B, KVH, k]`` int64.
+
+    ``keys`` holds positions ``0..>=max(hi)``. Rows with fewer than k candidates return some masked positions;
+    callers only use the result for rows whose cache exceeds the budget, which always have enough.
+    ``min_width`` widens the scored range (masked beyond ``hi``) so the result always has k columns.
+    """
+    width = min(max(int(hi.max()) - lo, min_width), keys.shape[2] - lo)
+    cand = keys[:, :, lo:lo + width]
+    p = group_scores(q, cand, scale, candidate_mask(lo, hi, width), aggregate)
+    return p.topk(min(k, width), dim=-1, sorted=False).indices + lo
+
+
+def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: int, scale: float,
+               aggregate: str = "sum", valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact top-k of the candidate positions ``cand_idx [B, KVH, m]`` (refinement step): ``[B, KVH, k]``.
+    ``valid`` (same shape) masks candidates that must not be picked."""
+    m = cand_idx.shape[-1]
+    sub = gather_rows(keys, cand_idx)                                      # [B, KVH, m, D]
+    p = group_scores(q, sub, scale, valid, aggregate)
+    pick = p.topk(min(k, m), dim=-1, sorted=False).indices
+    return cand_idx.gather(-1, pick)
+
+
+def quest_page_scores(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, scale: float) -> torch.Tensor:
+    """Quest's upper bound per (row, query head, page): ``sum_c max(q_c min_c, q_c max_c)``, ``[B, KVH, g, P]``.
+
+    Computed as two matmuls, ``q+ . max + q- . min``, which is the same sum term by term.
+    """
+    b, h, d = q.shape
+    kvh = pmin.shape[1]
+    qg = q.view(b, kvh, h // kvh, d).to(pmin.dtype)
+    s = torch.matmul(qg.clamp(min=0), pmax.transpose(-1, -2)) + torch.matmul(qg.clamp(max=0), pmin.transpose(-1, -2))
+    return s.float() * scale
+
+
+def topk_pages(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, p_lo: int, p_hi: torch.Tensor, n_pages: int,
+               scale: float, aggregate: str = "sum") -> torch.Tensor:
+    """Top ``n_pages`` pages in ``[p_lo, p_hi[b])`` by the Quest bound, ``[B, KVH, n_pages]`` page numbers."""
+    width = int(p_hi.max()) - p_lo
+    s = quest_page_scores(q, pmin[:, :, p_lo:p_lo + width], pmax[:, :, p_lo:p_lo + width], scale)
+    s = s.masked_fill(~candidate_mask(p_lo, p_hi, width)[:, None, None, :], _MASKED)
+    p = s.softmax(-1)
+    p = p.sum(2) if aggregate == "sum" else p.amax(2)
+    return p.topk(min(n_pages, width), dim=-1, sorted=False).indices + p_lo
+
+
+def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``store[b, h, idx[b, h, j]]`` as ``[B, KVH, k, D]`` with one index_select over whole rows.
+
+    ``store`` is a ``[B, KVH, T, D]`` view with a contiguous last two dims (a slot range of the KV store). A
+    per-element ``torch.gather`` with an index expanded to ``[k, D]`` is several times slower.
+    """
+    b, kvh, t, d = store.shape
+    sb, sh, st, sd = store.stride()
+    assert sd == 1 and st == d, "gather_rows needs rows of contiguous head_dim"
+    base = (torch.arange(b).view(b, 1, 1) * (sb // st) + torch.arange(kvh).view(1, kvh, 1) * (sh // st))
+    flat = (idx + base).reshape(-1)
+    rows = (store.untyped_storage().nbytes() // store.element_size() - store.storage_offset()) // d
+    src = store.as_strided((rows, d), (d, 1), store.storage_offset())
+    return src.index_select(0, flat).view(b, kvh, idx.shape[-1], d)

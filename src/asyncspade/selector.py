@@ -1,0 +1,60 @@
+"""Where ahead-of-time selections (``lastq``, ``asyncspade``) are computed.
+
+:class:`SyncSelector` computes each selection in-process at the moment it becomes possible: right after layer l
+produced its query (temporal pass) or when the residual enters layer l - lead (cross-layer pass). This is the
+synchronous simulation; the asynchronous cache-rank worker runs the same passes on another core and must select
+exactly the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import SparseConfig
+from .kvcache import Batch, KVStore
+from .methods.asyncspade import ahead_width, temporal_pass, xlayer_pass
+from .predictor import QueryWindows
+
+
+class SyncSelector:
+    def __init__(self, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int], scale: float):
+        self.cfg, self.store, self.scale = cfg, store, scale
+        self.li = {layer: i for i, layer in enumerate(sparse_layers)}
+        n, s, kvh = len(sparse_layers), store.slots, store.kv_heads
+        self.temporal = cfg.predictor in ("ridge", "hybrid")
+        self.xlayer = cfg.predictor in ("xlayer", "hybrid")
+        self.width = ahead_width(cfg, store.max_tokens)
+        if self.temporal:
+            self.windows = QueryWindows(s, n, num_heads, cfg.window, store.head_dim)
+            self.ahead = torch.zeros(s, n, kvh, self.width, dtype=torch.int64)
+        if self.xlayer:
+            self.chosen = torch.zeros(s, n, kvh, cfg.k_mid, dtype=torch.int64)
+
+    def reset(self, lo: int, hi: int) -> None:
+        """A new sequence takes slots ``[lo, hi)``: forget the previous occupant's queries."""
+        if self.temporal:
+            self.windows.reset(lo, hi)
+
+    def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
+        """Layer ``layer`` produced its real queries ``[B, H, L, D]``: select for the next step."""
+        li = self.li[layer]
+        if batch.max_len + 1 <= self.cfg.budget:       # next step is dense for every row: only keep the window
+            self.windows.push(li, batch.lo, batch.hi, q)
+            return
+        keys = self.store.k[layer, batch.lo:batch.hi]
+        self.ahead[batch.lo:batch.hi, li] = temporal_pass(self.cfg, self.windows, li, keys, batch.lo, batch.hi,
+                                                          batch.lengths, q, self.scale, self.width)
+
+    def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
+        """The cross-layer forecast of ``layer``'s query for the current step is known: select for it."""
+        li = self.li[layer]
+        cand = self.ahead[batch.lo:batch.hi, li] if self.temporal else None
+        keys = self.store.k[layer, batch.lo:batch.hi]
+        self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.cfg, q_x, keys, batch.lengths, self.scale, cand)
+
+    def get(self, layer: int, batch: Batch) -> torch.Tensor:
+        """The selection for ``layer`` at the current step, ``[B, KVH, k]``."""
+        src = self.chosen if self.xlayer else self.ahead
+        return src[batch.lo:batch.hi, self.li[layer]]
+
+    def close(self) -> None:
+        pass
