@@ -31,6 +31,8 @@ class Sequence:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
+    prefill_len: int = 0         # prompt tokens prefilled densely; the rest go through the decode path one by one
+    fed: int = 0                 # tokens in the KV cache
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -84,7 +86,9 @@ class Engine:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: list[Sequence] = []
         self._lock = threading.Lock()
+        self._aborts: list[Sequence] = []
         self._ids = itertools.count()
+        self.logits_hook = None      # optional callable(seqs, logits [B, V]) after every decode step (evals)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -94,28 +98,40 @@ class Engine:
         return ids
 
     # ---------------------------------------------------------------- requests
-    def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None, decode_tail: int = 0) -> Sequence:
+        """Queue a request. The last ``decode_tail`` prompt tokens are fed through the decode path one at a time
+        (teacher-forced, so sparse selection acts on them as in decoding) instead of being prefilled."""
         params = (params or SamplingParams()).validate()
         if not prompt_ids:
             raise RequestError("empty prompt")
+        if not 0 <= decode_tail < len(prompt_ids):
+            raise RequestError(f"decode_tail must be in [0, {len(prompt_ids) - 1}], got {decode_tail}")
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_tokens:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
                                f"exceeds the context of {self.max_tokens} tokens")
-        seq = Sequence(next(self._ids), list(prompt_ids), params, t_submit=time.perf_counter())
+        seq = Sequence(next(self._ids), list(prompt_ids), params, prefill_len=len(prompt_ids) - decode_tail,
+                       t_submit=time.perf_counter())
         seq.generator = make_generator(params.seed)
         with self._lock:
             self.waiting.append(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Finish ``seq`` now (e.g. its client went away); its slot is freed at once."""
+        """Finish ``seq`` (e.g. its client went away). Safe from any thread: the slot is freed at the next step."""
         with self._lock:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-        if not seq.finished:
-            seq.finish_reason = "abort"
-        self._release(seq)
+            self._aborts.append(seq)
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+            for seq in aborts:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+        for seq in aborts:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+            self._release(seq)
 
     @property
     def running(self) -> list[Sequence]:
@@ -128,6 +144,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit waiting sequences (prefill + first token), then one decode step for all running ones."""
+        self._apply_aborts()
         events = []
         while True:
             with self._lock:
@@ -138,13 +155,13 @@ class Engine:
         running = [s for s in self.slots if s is not None and not s.finished]
         if running:
             events += self._decode(running)
-        return events
+        return [e for e in events if e is not None]
 
-    def _prefill(self, seq: Sequence) -> Event:
+    def _prefill(self, seq: Sequence) -> Event | None:
         slot = self.slots.index(None)
         self.slots[slot], seq.slot = seq, slot
         self.rt.begin_sequence(slot, slot + 1)
-        ids = torch.tensor(seq.prompt_ids).view(1, -1)
+        ids = torch.tensor(seq.prompt_ids[:seq.prefill_len]).view(1, -1)
         n = ids.shape[1]
         for o in range(0, n, self.prefill_chunk):
             chunk = ids[:, o:o + self.prefill_chunk]
@@ -155,7 +172,7 @@ class Engine:
             if o > 0 and L > 1:          # chunk after the first: causal with an offset
                 mask = (torch.arange(o + L)[None, :] <= torch.arange(o, o + L)[:, None]).view(1, 1, L, o + L)
             logits = self._forward(chunk, torch.arange(o, o + L).view(1, -1), batch, mask)
-        self.store.lengths[slot] = n
+        self.store.lengths[slot] = seq.fed = n
         return self._append(seq, logits[0])
 
     def _decode(self, running: list[Sequence]) -> list[Event]:
@@ -164,16 +181,22 @@ class Engine:
         ids = torch.zeros(hi - lo, 1, dtype=torch.int64)
         start = torch.zeros(hi - lo, dtype=torch.int64)      # free slots in the range: dummy rows at position 0
         for s in running:
-            ids[s.slot - lo, 0] = s.output_ids[-1]
-            start[s.slot - lo] = len(s.prompt_ids) + len(s.output_ids) - 1
+            fed = s.fed
+            ids[s.slot - lo, 0] = s.prompt_ids[fed] if fed < len(s.prompt_ids) else s.output_ids[fed - len(s.prompt_ids)]
+            start[s.slot - lo] = fed
         batch = Batch(lo, hi, start, 1)
         logits = self._forward(ids, start.view(-1, 1), batch)
+        rows = torch.tensor([s.slot - lo for s in running])
+        if self.logits_hook is not None:
+            self.logits_hook(running, logits[rows])
         for s in running:
-            self.store.lengths[s.slot] = int(batch.lengths[s.slot - lo])
+            s.fed += 1
+            self.store.lengths[s.slot] = s.fed
         return [self._append(s, logits[s.slot - lo]) for s in running]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch, mask=None) -> torch.Tensor:
         """Run the decoder over ``ids [B, L]``; returns fp32 logits of the last position ``[B, V]``."""
+        self.rt.activate()
         self.cache.batch = batch
         m = self.model.model
         h = m.embed_tokens(ids)
@@ -185,7 +208,9 @@ class Engine:
         return self.model.lm_head(h)[:, 0].float()
 
     # ---------------------------------------------------------------- tokens -> text, stop rules
-    def _append(self, seq: Sequence, logits: torch.Tensor) -> Event:
+    def _append(self, seq: Sequence, logits: torch.Tensor) -> Event | None:
+        if seq.fed < len(seq.prompt_ids):          # still feeding the prompt's decode tail: nothing to sample
+            return None
         tok = sample(logits, seq.params, seq.generator)
         now = time.perf_counter()
         if not seq.output_ids:

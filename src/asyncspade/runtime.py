@@ -36,11 +36,19 @@ class SparseRuntime:
                 self.xlayer_targets.setdefault(max(t - self.cfg.lead, 0), []).append(t)
             for src in self.xlayer_targets:
                 self._hooks.append(self.layers[src].register_forward_pre_hook(self._make_hook(src), with_kwargs=True))
-        for layer in self.layers:
-            layer.self_attn.asyncspade_rt = self
+        self.probe = None        # optional callable(layer, q, batch, selection) on sparse decode steps (evals)
+        self.activate()
+
+    def activate(self) -> None:
+        """Make this runtime the one the model's attention modules use (several engines may share one model)."""
+        if getattr(self.layers[0].self_attn, "asyncspade_rt", None) is not self:
+            for layer in self.layers:
+                layer.self_attn.asyncspade_rt = self
 
     def _make_hook(self, src: int):
         def hook(module, args, kwargs):
+            if getattr(module.self_attn, "asyncspade_rt", None) is not self:
+                return
             batch = self.cache.batch
             if batch is not None and batch.q_len == 1 and batch.max_len > self.cfg.budget:
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -64,6 +72,8 @@ class SparseRuntime:
         sel = None
         if sparse_layer and batch.max_len > self.cfg.budget:
             sel = self.method.select(self, layer, q, batch)
+            if self.probe is not None:
+                self.probe(layer, q, batch, sel)
         out = decode_attention(q, self.store, layer, batch, sel, self.cfg, self.scale)
         if sparse_layer:
             self.method.observe(self, layer, query, batch)

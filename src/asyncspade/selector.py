@@ -28,6 +28,7 @@ class SyncSelector:
             self.ahead = torch.zeros(s, n, kvh, self.width, dtype=torch.int64)
         if self.xlayer:
             self.chosen = torch.zeros(s, n, kvh, cfg.k_mid, dtype=torch.int64)
+        self.forecast: dict[int, torch.Tensor] = {}   # layer -> the query [B, H, D] its latest selection used
 
     def reset(self, lo: int, hi: int) -> None:
         """A new sequence takes slots ``[lo, hi)``: forget the previous occupant's queries."""
@@ -41,8 +42,11 @@ class SyncSelector:
             self.windows.push(li, batch.lo, batch.hi, q)
             return
         keys = self.store.k[layer, batch.lo:batch.hi]
-        self.ahead[batch.lo:batch.hi, li] = temporal_pass(self.cfg, self.windows, li, keys, batch.lo, batch.hi,
-                                                          batch.lengths, q, self.scale, self.width)
+        idx, q_hat = temporal_pass(self.cfg, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
+                                   self.scale, self.width)
+        self.ahead[batch.lo:batch.hi, li] = idx
+        if not self.xlayer:
+            self.forecast[layer] = q_hat
 
     def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
         """The cross-layer forecast of ``layer``'s query for the current step is known: select for it."""
@@ -50,6 +54,7 @@ class SyncSelector:
         cand = self.ahead[batch.lo:batch.hi, li] if self.temporal else None
         keys = self.store.k[layer, batch.lo:batch.hi]
         self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.cfg, q_x, keys, batch.lengths, self.scale, cand)
+        self.forecast[layer] = q_x
 
     def get(self, layer: int, batch: Batch) -> torch.Tensor:
         """The selection for ``layer`` at the current step, ``[B, KVH, k]``."""

@@ -28,9 +28,9 @@ def ahead_width(cfg: SparseConfig, max_tokens: int) -> int:
 
 
 def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
-                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int) -> torch.Tensor:
-    """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query and return
-    the top-``width`` positions for the next step ``[B, KVH, width]``.
+                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query ``q_hat`` and
+    return the top-``width`` positions for the next step ``[B, KVH, width]`` and ``q_hat [B, H, D]``.
 
     ``keys`` is the slot range's whole key buffer ``[B, KVH, max_tokens, D]``; ``lengths`` the tokens visible now.
     The next step's cache holds ``lengths + 1`` tokens, whose newest ``recent`` are attended anyway.
@@ -39,7 +39,7 @@ def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch
     w, count = windows.get(li, lo, hi)
     q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
     return topk_tokens(q_hat, keys, cfg.sink, lengths + 1 - cfg.recent, width, scale, cfg.aggregate,
-                       min_width=width)
+                       min_width=width), q_hat
 
 
 def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,

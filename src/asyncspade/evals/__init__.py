@@ -1,0 +1,1 @@
+"""Task evaluations: datasets, answer extraction/verification, passkey retrieval."""
