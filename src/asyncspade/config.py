@@ -55,6 +55,8 @@ class SparseConfig:
             raise ConfigError(f"budget ({self.budget}) must exceed sink + recent ({self.sink} + {self.recent})")
         if self.page_size <= 0 or (self.method == "quest" and self.k_mid < self.page_size):
             raise ConfigError(f"quest needs budget - sink - recent ({self.k_mid}) >= page size ({self.page_size})")
+        if self.method == "quest" and self.budget % self.page_size:
+            raise ConfigError(f"quest needs the page size ({self.page_size}) to divide the budget ({self.budget})")
         if self.dense_layers < 0 or (num_layers is not None and self.dense_layers > num_layers):
             raise ConfigError(f"dense_layers must be within 0..{num_layers}")
         if self.lead < 1:

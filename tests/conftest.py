@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from asyncspade.models import tiny_model
+
+
+def lively(model, std: float = 0.15, seed: int = 0):
+    """Random tiny models repeat one token at the default init; larger weights give varied greedy outputs,
+    so token-equality tests can actually fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3"])
+def tiny(request):
+    model, tok = tiny_model(request.param)
+    return lively(model), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    model, tok = tiny_model("llama")
+    return lively(model), tok

@@ -1,0 +1,200 @@
+"""Selection code against slow reference implementations."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from asyncspade.attention import decode_attention
+from asyncspade.config import ConfigError, SparseConfig
+from asyncspade.kvcache import Batch, KVStore
+from asyncspade.methods import Selection
+from asyncspade.predictor import QueryWindows, forecast
+from asyncspade.scoring import gather_rows, quest_page_scores, topk_pages, topk_tokens
+
+
+def filled_store(layers=1, slots=3, kvh=2, T=96, d=8, track_pages=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    st_ = KVStore(layers, slots, kvh, T, d, torch.float64, page_size=4, track_pages=track_pages)
+    st_.k.copy_(torch.randn(st_.k.shape, generator=g, dtype=torch.float64))
+    st_.v.copy_(torch.randn(st_.v.shape, generator=g, dtype=torch.float64))
+    return st_
+
+
+@pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2)])     # MHA and GQA
+def test_gather_sparse_equals_masked_dense(heads, kvh):
+    d, T = 8, 96
+    store = filled_store(kvh=kvh, T=T, d=d)
+    cfg = SparseConfig(method="oracle", budget=20, sink=2, recent=3, dense_layers=0)
+    lengths = torch.tensor([90, 60, 75])
+    batch = Batch(0, 3, lengths - 1, 1)
+    g = torch.Generator().manual_seed(1)
+    mid = torch.stack([torch.stack([torch.randperm(int(n) - 5, generator=g)[:cfg.k_mid] + 2 for _ in range(kvh)])
+                       for n in lengths])                                                  # [B, KVH, k]
+    valid = torch.rand(mid.shape, generator=g) > 0.3
+    q = torch.randn(3, heads, d, generator=g, dtype=torch.float64)
+    out = decode_attention(q, store, 0, batch, Selection(mid, valid), cfg, scale=0.3)
+    # reference: dense scores over the whole cache, masked to the attended set
+    for b in range(3):
+        n = int(lengths[b])
+        for h in range(heads):
+            kh = h // (heads // kvh)
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[:2] = True
+            keep[n - 3:n] = True
+            keep[mid[b, kh][valid[b, kh]]] = True
+            s = (store.k[0, b, kh, :n] @ q[b, h]) * 0.3
+            p = torch.where(keep, s, torch.tensor(float("-inf"), dtype=s.dtype)).softmax(-1)
+            torch.testing.assert_close(out[b, h], p @ store.v[0, b, kh, :n])
+
+
+def test_gather_rows_matches_indexing():
+    store = filled_store(slots=4, kvh=3, T=50)
+    view = store.k[0, 1:3]
+    idx = torch.randint(0, 50, (2, 3, 7))
+    got = gather_rows(view, idx)
+    ref = torch.stack([torch.stack([view[b, h, idx[b, h]] for h in range(3)]) for b in range(2)])
+    assert torch.equal(got, ref)
+
+
+def test_topk_tokens_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    hi = torch.tensor([50, 64])
+    idx = topk_tokens(q, keys, 3, hi, 10, 0.5)
+    for b in range(2):
+        for kh in range(2):
+            n = int(hi[b])
+            probs = sum(((keys[b, kh, 3:n] @ q[b, h]) * 0.5).softmax(-1) for h in (2 * kh, 2 * kh + 1))
+            ref = set((probs.argsort(descending=True)[:10] + 3).tolist())
+            assert set(idx[b, kh].tolist()) == ref
+
+
+def reference_quest_pages(q, keys, n, ps, sink, hi, n_pages, scale):
+    """Straight from the Quest paper: per page channel-wise min/max, bound sum_c max(q_c min_c, q_c max_c)."""
+    kvh, heads = keys.shape[0], q.shape[0]
+    out = []
+    for kh in range(kvh):
+        pages = list(range(sink // ps, (hi - 1) // ps + 1))
+        total = torch.zeros(len(pages), dtype=torch.float64)
+        per_head = []
+        for h in range(kh * heads // kvh, (kh + 1) * heads // kvh):
+            s = []
+            for p in pages:
+                blk = keys[kh, p * ps:min((p + 1) * ps, n)]
+                mn, mx = blk.min(0).values, blk.max(0).values
+                s.append(torch.maximum(q[h] * mn, q[h] * mx).sum() * scale)
+            per_head.append(torch.stack(s).softmax(-1))
+        total = sum(per_head)
+        out.append({pages[i] for i in total.argsort(descending=True)[:n_pages].tolist()})
+    return out
+
+
+def test_quest_metadata_and_pages_match_reference():
+    d, kvh, heads, ps = 8, 2, 4, 4
+    store = KVStore(1, 1, kvh, 80, d, torch.float64, page_size=ps, track_pages=True)
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, kvh, 70, d, generator=g, dtype=torch.float64)
+    store.write(0, Batch(0, 1, torch.tensor([0]), 13), keys[:, :, :13], keys[:, :, :13])   # prefill, partial page
+    for t in range(13, 70):                                                                 # appends across pages
+        store.write(0, Batch(0, 1, torch.tensor([t]), 1), keys[:, :, t:t + 1], keys[:, :, t:t + 1])
+        n = t + 1
+        for p in range((n + ps - 1) // ps):
+            blk = keys[0, :, p * ps:min((p + 1) * ps, n)]
+            assert torch.equal(store.pmin[0, 0, :, p], blk.amin(1)) and torch.equal(store.pmax[0, 0, :, p], blk.amax(1))
+    q = torch.randn(1, heads, d, generator=g, dtype=torch.float64)
+    hi = torch.tensor([70 - 5])
+    pages = topk_pages(q, store.pmin[0, 0:1], store.pmax[0, 0:1], 1, (hi - 1) // ps + 1, 5, 0.4)
+    ref = reference_quest_pages(q[0], keys[0], 70, ps, 4, 65, 5, 0.4)
+    assert [set(pages[0, kh].tolist()) for kh in range(kvh)] == ref
+    # the two-matmul form of the bound equals the elementwise definition
+    s = quest_page_scores(q, store.pmin[0, 0:1, :, :3], store.pmax[0, 0:1, :, :3], 1.0)
+    ref_s = torch.maximum(q[0, 0] * store.pmin[0, 0, 0, :3], q[0, 0] * store.pmax[0, 0, 0, :3]).sum(-1)
+    torch.testing.assert_close(s[0, 0, 0], ref_s.float())
+
+
+def numpy_ar_forecast(win, order, ridge):
+    """Least squares with scalar lags shared across channels, via explicit design matrices."""
+    W, d = win.shape
+    X = np.concatenate([np.stack([win[t - 1 - i] for i in range(order)], 1) for t in range(order, W)])  # [R*d, p]
+    y = np.concatenate([win[t] for t in range(order, W)])
+    A = X.T @ X
+    a = np.linalg.solve(A + ridge * np.mean(np.diag(A)) * np.eye(order), X.T @ y)
+    return sum(a[j] * win[W - 1 - j] for j in range(order))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), order=st.integers(1, 5), ridge=st.sampled_from([0.0, 1e-2, 1.0]))
+def test_ridge_forecast_matches_numpy(seed, order, ridge):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((2, 3, 12, 6))
+    got = forecast(torch.tensor(w, dtype=torch.float64), torch.tensor([12, 12]), "ar", order, ridge)
+    for b in range(2):
+        for h in range(3):
+            np.testing.assert_allclose(got[b, h].numpy(), numpy_ar_forecast(w[b, h], order, ridge), rtol=1e-6, atol=1e-8)
+
+
+def test_exact_ar_process_is_predicted():
+    rng = np.random.default_rng(0)
+    a = np.array([0.5, -0.3, 0.2])
+    seq = [rng.standard_normal(16) for _ in range(3)]
+    for _ in range(30):
+        seq.append(sum(a[j] * seq[-1 - j] for j in range(3)))
+    seq = np.array(seq)
+    w = torch.tensor(seq[-17:-1][None, None])                      # window of 16, predict the next
+    pred = forecast(w, torch.tensor([16]), "ar", order=3, ridge=0.0)
+    np.testing.assert_allclose(pred[0, 0].numpy(), seq[-1], rtol=1e-5, atol=1e-8)
+
+
+def test_query_window_keeps_newest():
+    w = QueryWindows(1, 1, 1, 4, 1)
+    for t in range(6):
+        w.push(0, 0, 1, torch.full((1, 1, 1, 1), float(t)))
+    buf, count = w.get(0, 0, 1)
+    assert buf[0, 0, :, 0].tolist() == [2, 3, 4, 5] and int(count[0]) == 4
+    w.push(0, 0, 1, torch.arange(10.0).view(1, 1, 10, 1))          # a prefill chunk: its last W queries
+    assert w.get(0, 0, 1)[0][0, 0, :, 0].tolist() == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("predictor", ["ridge", "xlayer", "hybrid"])
+def test_ahead_selection_ignores_current_query(tiny_llama, predictor):
+    """lastq/asyncspade select from information that exists before the layer runs: the current query is unused."""
+    from asyncspade.engine import Engine
+    from asyncspade.sampling import SamplingParams
+    model, tok = tiny_llama
+    for method in ("lastq", "asyncspade"):
+        eng = Engine(model, tok, SparseConfig(method=method, budget=32, sink=4, recent=8, dense_layers=1,
+                                              predictor=predictor), max_batch=1, max_tokens=256)
+        seen = []
+
+        def probe(layer, q, batch, sel, eng=eng):
+            again = eng.rt.method.select(eng.rt, layer, q + torch.randn_like(q) * 10, batch)
+            seen.append(torch.equal(sel.idx, again.idx))
+        eng.rt.probe = probe
+        seq = eng.add(list(range(200, 300)), SamplingParams(max_tokens=5, ignore_eos=True))
+        eng.run([seq])
+        eng.close()
+        assert seen and all(seen)
+
+
+def test_oracle_does_use_current_query(tiny_llama):
+    """The causality probe above can fail: the oracle's selection changes with the query."""
+    from asyncspade.engine import Engine
+    from asyncspade.sampling import SamplingParams
+    model, tok = tiny_llama
+    eng = Engine(model, tok, SparseConfig(method="oracle", budget=32, sink=4, recent=8, dense_layers=1),
+                 max_batch=1, max_tokens=256)
+    seen = []
+    eng.rt.probe = lambda layer, q, batch, sel: seen.append(
+        torch.equal(sel.idx.sort(-1).values,
+                    eng.rt.method.select(eng.rt, layer, torch.randn_like(q), batch).idx.sort(-1).values))
+    eng.run([eng.add(list(range(200, 300)), SamplingParams(max_tokens=3, ignore_eos=True))])
+    eng.close()
+    assert seen and not all(seen)
+
+
+@pytest.mark.parametrize("bad", [dict(method="nope"), dict(budget=0), dict(method="oracle", budget=20),
+                                 dict(method="quest", budget=32), dict(method="quest", budget=200, page_size=48), dict(recent=0), dict(order=20)])
+def test_config_rejects_bad_settings(bad):
+    with pytest.raises(ConfigError):
+        SparseConfig(**bad).validate()
