@@ -66,7 +66,8 @@ class Event:
 
 class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
-                 max_tokens: int | None = None, prefill_chunk: int = 512, selector=None):
+                 max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
+                 on_late: str = "wait"):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
@@ -81,7 +82,7 @@ class Engine:
                              track_pages=self.sparse.method == "quest")
         self.cache = StoreCache(self.store)
         self.cache.engine_driven = True
-        self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector)
+        self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)
         self.eos_ids = self._eos_ids()
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: list[Sequence] = []

@@ -9,7 +9,12 @@ heads of all rows of a layer.
 from __future__ import annotations
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's half rotation, as in the Llama family's modeling code."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 class QueryWindows:

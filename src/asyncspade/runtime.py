@@ -11,11 +11,12 @@ from .attention import decode_attention
 from .config import SparseConfig
 from .kvcache import KVStore, StoreCache
 from .methods import make_method
-from .selector import SyncSelector
+from .selector import make_selector
 
 
 class SparseRuntime:
-    def __init__(self, model, cfg: SparseConfig, store: KVStore, cache: StoreCache, selector=None):
+    def __init__(self, model, cfg: SparseConfig, store: KVStore, cache: StoreCache, selector: str = "sync",
+                 on_late: str = "wait"):
         self.layers = list(model.model.layers)
         self.method = make_method(cfg.validate(len(self.layers)))
         self.cfg = self.method.cfg
@@ -27,7 +28,8 @@ class SparseRuntime:
         self.sparse_layers = list(range(self.cfg.dense_layers, len(self.layers)))
         self.selector = None
         if self.method.ahead:
-            self.selector = selector or SyncSelector(self.cfg, store, self.heads, self.sparse_layers, self.scale)
+            self.selector = make_selector(selector, self.cfg, store, self.heads, self.sparse_layers, self.scale,
+                                          on_late)
         # cross-layer forecasts: the residual entering layer `src` forecasts the queries of these target layers
         self.xlayer_targets: dict[int, list[int]] = {}
         self._hooks = []

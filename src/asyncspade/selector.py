@@ -56,10 +56,26 @@ class SyncSelector:
         self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.cfg, q_x, keys, batch.lengths, self.scale, cand)
         self.forecast[layer] = q_x
 
-    def get(self, layer: int, batch: Batch) -> torch.Tensor:
-        """The selection for ``layer`` at the current step, ``[B, KVH, k]``."""
+    def get(self, layer: int, batch: Batch, q_now: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection for ``layer`` at the current step, ``[B, KVH, k]`` (``q_now`` is not used: it only exists
+        for the asynchronous selector's fault path)."""
         src = self.chosen if self.xlayer else self.ahead
         return src[batch.lo:batch.hi, self.li[layer]]
 
+    late_rate = 0.0
+    wait_s = 0.0
+    steps = late = 0
+
     def close(self) -> None:
         pass
+
+
+def make_selector(kind: str, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int],
+                  scale: float, on_late: str = "wait"):
+    """``sync``: in-process at the moment each selection becomes possible; ``async``: the cache-rank worker."""
+    if kind == "sync":
+        return SyncSelector(cfg, store, num_heads, sparse_layers, scale)
+    if kind == "async":
+        from .cache_rank import AsyncSelector
+        return AsyncSelector(cfg, store, num_heads, sparse_layers, scale, on_late=on_late)
+    raise ValueError(f"unknown selector {kind!r}; choose sync or async")

@@ -62,7 +62,7 @@ class AsyncSpade(SelectionMethod):
         self.xlayer = cfg.predictor in ("xlayer", "hybrid")
 
     def select(self, ctx, layer, q, batch):
-        return Selection(ctx.selector.get(layer, batch))
+        return Selection(ctx.selector.get(layer, batch, q))
 
     def observe(self, ctx, layer, q, batch):
         if self.temporal:
