@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+torch.set_num_threads(1)   # the suite shares 2 cores with worker processes: no OpenMP spinning
+
 from asyncspade.models import tiny_model
 
 
