@@ -1,0 +1,129 @@
+"""``asyncspade generate``: JSON and streamed output, stdin prompts, and one-line errors (exit 2, no traceback)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asyncspade import cli
+from asyncspade import generate as gen
+from asyncspade.config import SparseConfig
+from asyncspade.engine import Engine
+from asyncspade.models import encode_prompt, load_model, tiny_model
+from asyncspade.sampling import SamplingParams
+
+KEYS = {"text", "tokens", "ttft_s", "tpot_s", "method", "prompt_tokens", "finish_reason"}
+PROMPT = "Write a short poem about the sea, the wind and the old lighthouse keeper who watches them."
+SPARSE = ["--method", "oracle", "--budget", "32", "--sink", "4", "--recent", "8", "--dense-layers", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny model on a shared 2-core machine: a second thread only spins
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint directory (with the bundled tokenizer and its chat template)."""
+    model, tok = tiny_model("llama", seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():          # larger weights: varied tokens instead of one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15, generator=g)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def main(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_has_the_keys_and_matches_the_engine(tiny_dir, capsys):
+    rc, out, _ = main(capsys, "--model", tiny_dir, "--dtype", "fp32", "--prompt", PROMPT, "--max-new-tokens", "12",
+                      "--json", *SPARSE)
+    assert rc == 0
+    res = json.loads(out)
+    assert set(res) == KEYS
+    model, tok = load_model(tiny_dir, torch.float32)
+    ids = encode_prompt(tok, PROMPT, chat=True)
+    assert res["prompt_tokens"] == len(ids) > 32          # prompt beyond the budget: decoding was sparse
+    eng = Engine(model, tok, SparseConfig(method="oracle", budget=32, sink=4, recent=8, dense_layers=1), max_batch=1)
+    seq = eng.add(ids, SamplingParams(max_tokens=12))
+    eng.run([seq])
+    eng.close()
+    assert (res["text"], res["tokens"], res["finish_reason"]) == (seq.text, len(seq.output_ids), seq.finish_reason)
+    assert res["method"] == "oracle" and res["ttft_s"] > 0 and res["tpot_s"] >= 0
+
+
+def test_stream_stdin_and_raw_text(tiny_dir, capsys, monkeypatch):
+    args = ["--model", tiny_dir, "--dtype", "fp32", "--max-new-tokens", "6", *SPARSE]
+    rc, out, _ = main(capsys, *args, "--prompt", PROMPT, "--json")
+    chat = json.loads(out)
+    expected = chat["text"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT))
+    rc, out, err = main(capsys, *args)                              # no --prompt: read stdin, stream
+    assert rc == 0
+    assert out.rstrip("\n") == expected and out.endswith("\n")
+    assert "[asyncspade] 6 tokens" in err and "TTFT" in err and "method oracle (budget 32)" in err
+    rc, out, _ = main(capsys, *args, "--prompt", PROMPT, "--no-chat", "--json")
+    assert rc == 0 and json.loads(out)["prompt_tokens"] < chat["prompt_tokens"]     # no chat template around it
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "hi", "--method", "nope"], "unknown method 'nope'"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be"),
+    (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+    (["--prompt", "hi", "--max-new-tokens", "8", "--max-context", "8"], "--max-context (8) must exceed"),
+    (["--prompt", "hi", "--budget", "10"], "budget (10) must exceed sink + recent"),
+    (["--prompt", "  \n"], "empty prompt"),
+    (["--prompt", "-"], "empty prompt"),                         # stdin (empty here)
+])
+def test_bad_input_fails_before_loading(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(gen, "load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, err = main(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert err.startswith("asyncspade: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_bad_model_and_overlong_prompt(tiny_dir, capsys, tmp_path):
+    rc, _, err = main(capsys, "--prompt", "hi", "--model", str(tmp_path / "missing"))
+    assert rc == 2 and "model not found" in err and err.count("\n") == 1
+    rc, _, err = main(capsys, "--prompt", PROMPT, "--model", tiny_dir, "--max-context", "16", "--max-new-tokens", "8",
+                      "--method", "full")
+    assert rc == 2 and "exceeds the context of 16 tokens" in err
+
+
+def test_subprocess_error_has_no_traceback(tiny_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "asyncspade", "generate", "--model", tiny_dir, "--prompt", PROMPT,
+                        "--max-context", "16", "--max-new-tokens", "8", "--method", "full"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("[asyncspade]")]   # minus the loading line
+    assert lines == [lines[0]] and lines[0].startswith("asyncspade: error: prompt (")
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_bundled_model_json(capsys):
+    rc, out, err = main(capsys, "--prompt", "What is 2 + 3?", "--max-new-tokens", "8", "--json", "--method", "full")
+    assert rc == 0 and "[asyncspade] loading" in err
+    res = json.loads(out)
+    assert set(res) == KEYS and 1 <= res["tokens"] <= 8 and res["text"].strip()
+    assert res["finish_reason"] in ("stop", "length") and res["prompt_tokens"] > 8
