@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 METHODS = ("full", "oracle", "quest", "asyncspade", "lastq", "streaming")
+BENCH_ONLY = ("bound",)      # the zero-cost selection bound: fixed indices, no selection (benchmarks)
 PREDICTORS = ("ridge", "xlayer", "hybrid")
 RIDGE_KINDS = ("ar", "mean", "linear", "last")
 
@@ -39,7 +40,7 @@ class SparseConfig:
         return self.budget - self.sink - self.recent
 
     def validate(self, num_layers: int | None = None) -> "SparseConfig":
-        if self.method not in METHODS:
+        if self.method not in METHODS + BENCH_ONLY:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.predictor not in PREDICTORS:
             raise ConfigError(f"unknown predictor {self.predictor!r}; choose one of: {', '.join(PREDICTORS)}")

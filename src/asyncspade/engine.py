@@ -67,7 +67,7 @@ class Event:
 class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
-                 on_late: str = "wait"):
+                 on_late: str = "wait", store: KVStore | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
@@ -77,9 +77,12 @@ class Engine:
         model.set_attn_implementation(register())
         dtype = next(model.parameters()).dtype
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        self.store = KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
-                             self.max_tokens, head_dim, dtype, self.sparse.page_size,
-                             track_pages=self.sparse.method == "quest")
+        # benchmarks pass one filled store to the engines of several methods
+        self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
+                                      self.max_tokens, head_dim, dtype, self.sparse.page_size,
+                                      track_pages=self.sparse.method == "quest")
+        if self.sparse.method == "quest" and not self.store.track_pages:
+            raise ValueError("quest needs a KV store that tracks page min/max")
         self.cache = StoreCache(self.store)
         self.cache.engine_driven = True
         self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)
@@ -116,6 +119,20 @@ class Engine:
         seq.generator = make_generator(params.seed)
         with self._lock:
             self.waiting.append(seq)
+        return seq
+
+    def adopt(self, slot: int, token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Run a sequence whose tokens the KV store already holds in ``slot`` (benchmarks fill one cache and
+        share it between methods). It decodes from the next step on, fed its last token again."""
+        seq = Sequence(next(self._ids), list(token_ids), params.validate(), prefill_len=len(token_ids),
+                       t_submit=time.perf_counter())
+        seq.generator = make_generator(params.seed)
+        seq.output_ids = [token_ids[-1]]
+        seq.prompt_ids = seq.prompt_ids[:-1]
+        seq.fed = len(token_ids) - 1
+        seq.t_first = seq.t_submit
+        self.slots[slot], seq.slot = seq, slot
+        self.rt.begin_sequence(slot, slot + 1)
         return seq
 
     def abort(self, seq: Sequence) -> None:

@@ -9,9 +9,10 @@ from .oracle import Oracle
 from .quest import Quest
 from .asyncspade import AsyncSpade
 from .lastq import LastQ
+from .bound import Bound
 
 REGISTRY: dict[str, type[SelectionMethod]] = {
-    m.name: m for m in (Full, Streaming, Oracle, Quest, AsyncSpade, LastQ)
+    m.name: m for m in (Full, Streaming, Oracle, Quest, AsyncSpade, LastQ, Bound)
 }
 
 

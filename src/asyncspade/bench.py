@@ -1,0 +1,314 @@
+"""``asyncspade bench``: decode speed of the methods side by side on one filled cache, and vs Hugging Face.
+
+One KV store is filled once (a real dense prefill of up to ``--fill`` tokens of prose, tiled to the longest
+context: speed does not depend on what the keys say, and positions past the model's 8K are fine for speed) and
+every method's engine decodes from it in turn, interleaved over ``--rounds``. The zero-cost bound (``bound``: the
+same sparse forward fed fixed indices, no selection) is measured whenever a sparse method is. Dense, Quest, oracle
+and the bound use ``--threads`` intra-op threads; ``lastq``/``asyncspade`` with the asynchronous selector give one
+core to the decode loop and one to the cache-rank worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from tqdm import tqdm
+
+from .cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
+from .engine import Engine
+from .kvcache import KVStore
+from .sampling import SamplingParams
+
+AHEAD = ("lastq", "asyncspade")
+PROSE = os.path.join("..", "shared", "data", "tinyshakespeare.txt")
+
+
+def add_arguments(p) -> None:
+    add_model_args(p)
+    add_sparse_args(p, "full,quest,oracle,lastq,asyncspade", multi=True)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated")
+    g.add_argument("--batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
+    g.add_argument("--budgets", default=None, help="budgets to sweep, comma-separated (default: --budget)")
+    g.add_argument("--steps", type=int, default=16, help="timed decode steps per method and round")
+    g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
+    g.add_argument("--rounds", type=int, default=2, help="methods are interleaved over this many rounds")
+    g.add_argument("--selector", default="async", choices=["async", "sync"],
+                   help="where lastq/asyncspade select: the cache-rank worker (async) or in-process (sync)")
+    g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
+                   help="async selector: block for a late selection, or reuse the previous step's")
+    g.add_argument("--threads", type=int, default=2, help="intra-op threads for the synchronous methods")
+    g.add_argument("--fill", type=int, default=2048, help="tokens of real prefill the cache is tiled from")
+    g.add_argument("--vs-hf", action="store_true",
+                   help="instead: our engine (full) vs Hugging Face generate (sdpa), in fp32 and bf16")
+    g.add_argument("--json", default=None, help="write the rows and the machine description here")
+    g.add_argument("--plot", default=None, help="write a TPOT-vs-context plot here (PNG)")
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def prose_ids(tok, n: int) -> list[int]:
+    if os.path.exists(PROSE):
+        with open(PROSE) as f:
+            ids = tok(f.read(200_000), add_special_tokens=False)["input_ids"]
+    else:                                       # no shared data: random ids are as good for timing
+        ids = torch.randint(100, len(tok) - 1, (n,)).tolist()
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -> list[int]:
+    """Dense prefill of ``fill`` real tokens into slot 0, tiled to ``length`` and copied to ``slots`` slots."""
+    ids = prose_ids(tok, length)
+    fill = min(fill, length)
+    eng = Engine(model, tok, max_batch=store.slots, max_tokens=store.max_tokens, store=store)
+    eng.run([eng.add(ids[:fill], SamplingParams(max_tokens=1, ignore_eos=True))])
+    eng.close()
+    for kv in (store.k, store.v):
+        for start in range(fill, length, fill):
+            n = min(fill, length - start)
+            kv[:, 0, :, start:start + n] = kv[:, 0, :, :n]
+        kv[:, 1:slots, :, :length] = kv[:, :1, :, :length]
+    if store.track_pages:
+        for layer in range(store.num_layers):
+            for s in range(slots):
+                store._page_rebuild(layer, s, 0, length)
+    return ids
+
+
+def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
+    ahead = cfg.method in AHEAD
+    selector = args.selector if ahead else "sync"
+    threads = 1 if selector == "async" else args.threads
+    torch.set_num_threads(threads)
+    eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
+                 on_late=args.on_late)
+    params = SamplingParams(max_tokens=args.warmup + args.steps + 1, ignore_eos=True)
+    for b in range(batch):
+        eng.adopt(b, ids[:context], params)
+    for _ in range(args.warmup):
+        eng.step()
+    sel = eng.rt.selector
+    if sel is not None:
+        sel.steps = sel.late = 0
+        sel.wait_s = 0.0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    row = {"context": context, "batch": batch, "budget": cfg.budget if cfg.sparse else None, "method": cfg.method,
+           "times_s": times, "threads": threads, "selector": selector if ahead else None,
+           "late_rate": sel.late_rate if sel is not None else 0.0,
+           "wait_s": (sel.wait_s / max(1, args.steps)) if sel is not None else 0.0}
+    eng.close()
+    store.lengths.zero_()
+    return row
+
+
+def run_sweep(args) -> dict:
+    contexts, batches = int_list(args.contexts, "--contexts"), int_list(args.batch, "--batch")
+    budgets = int_list(args.budgets, "--budgets") if args.budgets else [args.budget]
+    methods = methods_from_args(args)
+    sparse = [m for m in methods if m != "full"]
+    if sparse and "bound" not in methods:
+        methods.append("bound")
+    cfgs = {("full", None): sparse_from_args(args, "full")} if "full" in methods else {}
+    for b in budgets:
+        for m in methods:
+            if m != "full":
+                cfgs[(m, b)] = sparse_from_args(args, m).replace(budget=b).validate()
+    if args.steps <= 0 or args.rounds <= 0 or args.warmup < 0:
+        raise UserError("--steps and --rounds must be positive, --warmup >= 0")
+    model, tok = load(args)
+    cfg0 = model.config
+    max_len = max(contexts) + args.rounds * (args.warmup + args.steps) + 8
+    head_dim = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
+    store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim,
+                    next(model.parameters()).dtype, args.page_size, track_pages="quest" in methods)
+    print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
+          f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+    ids = fill_store(model, tok, store, args.fill, max(contexts), max(batches))
+    rows = {}
+    total = len(contexts) * len(batches) * len(cfgs) * args.rounds
+    with tqdm(total=total, desc="bench", file=sys.stderr) as bar:
+        for context in contexts:
+            for batch in batches:
+                for _ in range(args.rounds):
+                    for key, cfg in cfgs.items():
+                        bar.set_postfix_str(f"ctx={context} b={batch} {key[0]}@{key[1]}")
+                        r = time_method(model, tok, store, cfg, ids, context, batch, args)
+                        k = (context, batch, key)
+                        if k in rows:
+                            rows[k]["times_s"] += r["times_s"]
+                            rows[k]["late_rate"] = (rows[k]["late_rate"] + r["late_rate"]) / 2
+                            rows[k]["wait_s"] = (rows[k]["wait_s"] + r["wait_s"]) / 2
+                        else:
+                            rows[k] = r
+                        bar.update()
+    out = []
+    for r in rows.values():
+        r["tpot_s"] = statistics.median(r.pop("times_s"))
+        out.append(r)
+    fill_note = f"real prefill of {min(args.fill, max(contexts))} tokens of prose, tiled to each context"
+    return {"rows": out, "machine": machine(), "cache": fill_note,
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+
+
+def ratios(result: dict) -> list[dict]:
+    """Each row with its ratios against full, quest and the bound at the same context/batch(/budget)."""
+    idx = {(r["context"], r["batch"], r["budget"], r["method"]): r for r in result["rows"]}
+    out = []
+    for r in result["rows"]:
+        c, b, k = r["context"], r["batch"], r["budget"]
+        full = idx.get((c, b, None, "full"))
+        quest = idx.get((c, b, k, "quest"))
+        bound = idx.get((c, b, k, "bound"))
+        out.append({**r, "vs_full": r["tpot_s"] / full["tpot_s"] if full else None,
+                    "vs_quest": r["tpot_s"] / quest["tpot_s"] if quest else None,
+                    "vs_bound": r["tpot_s"] / bound["tpot_s"] if bound else None})
+    order = {"full": 0, "bound": 1, "quest": 2, "oracle": 3, "streaming": 4, "lastq": 5, "asyncspade": 6}
+    return sorted(out, key=lambda r: (r["batch"], r["context"], r["budget"] or 0, order.get(r["method"], 9)))
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"decode TPOT ({result['machine']['cpu']}, {result['machine']['date']})")
+    for col in ("context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound",
+                "late %", "wait ms"):
+        t.add_column(col, justify="right")
+    f = lambda x: "" if x is None else f"{x:.2f}"     # noqa: E731
+    for r in ratios(result):
+        t.add_row(str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
+                  f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
+                  f(r["vs_bound"]), f"{100 * r['late_rate']:.0f}" if r["selector"] == "async" else "",
+                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] == "async" else "")
+    Console(file=sys.stdout, width=160).print(t)
+    print(f"cache: {result['cache']}")
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    panels = sorted({(r["batch"], r["budget"]) for r in rows if r["budget"] is not None}) or [(rows[0]["batch"], None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (b, k) in zip(axes[0], panels):
+        for m in sorted({r["method"] for r in rows}):
+            pts = sorted((r["context"], r["tpot_s"] * 1e3) for r in rows
+                         if r["batch"] == b and r["method"] == m and (r["budget"] in (k, None)))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == "bound" else "-")
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="TPOT (ms)", title=f"batch {b}, budget {k}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------- vs Hugging Face generate
+def hf_tpot(model, ids: torch.Tensor, steps: int) -> float:
+    """Median gap between streamed tokens of ``model.generate`` (prefill excluded)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+    st = Stamps()
+    model.set_attn_implementation("sdpa")
+    model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, streamer=st,
+                   pad_token_id=0)
+    gaps = [b - a for a, b in zip(st.t[2:], st.t[3:])]        # t[0]: prompt echo, t[1]: first token
+    return statistics.median(gaps)
+
+
+def ours_tpot(model, tok, ids: list[int], batch: int, steps: int) -> float:
+    eng = Engine(model, tok, max_batch=batch, max_tokens=len(ids) + steps + 8)
+    seqs = [eng.add(ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True)) for _ in range(batch)]
+    eng.step()                                                # prefill + first token of every sequence
+    times = []
+    while not all(s.finished for s in seqs):
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    eng.close()
+    return statistics.median(times)
+
+
+def run_vs_hf(args) -> dict:
+    from .models import load_model
+    contexts, batches = int_list(args.contexts, "--contexts"), int_list(args.batch, "--batch")
+    torch.set_num_threads(args.threads)
+    rows = []
+    models = {}
+    for dt in (torch.float32, torch.bfloat16):
+        models[dt] = load_model(args.model, dt, progress=lambda m: print(f"[asyncspade] {m}", file=sys.stderr))
+    total = len(contexts) * len(batches) * 4
+    with tqdm(total=total, desc="vs hf", file=sys.stderr) as bar:
+        for c in contexts:
+            for b in batches:
+                for dt, (model, tok) in models.items():
+                    ids = prose_ids(tok, c)
+                    name = "fp32" if dt == torch.float32 else "bf16"
+                    ours = ours_tpot(model, tok, ids, b, args.steps)
+                    bar.update()
+                    hf = hf_tpot(model, torch.tensor([ids] * b), args.steps)
+                    bar.update()
+                    rows += [{"context": c, "batch": b, "dtype": name, "engine": "asyncspade (full)", "tpot_s": ours},
+                             {"context": c, "batch": b, "dtype": name, "engine": "hf generate (sdpa)", "tpot_s": hf}]
+    return {"vs_hf": rows, "machine": machine(), "settings": {k: v for k, v in vars(args).items()
+                                                              if not k.startswith("_")}}
+
+
+def print_vs_hf(result: dict) -> None:
+    idx = {(r["context"], r["batch"], r["dtype"], r["engine"]): r["tpot_s"] for r in result["vs_hf"]}
+    print(f"decode TPOT, ours (full attention) vs Hugging Face generate (sdpa); {result['machine']['cpu']}, "
+          f"{result['machine']['date']}")
+    print("| context | batch | ours fp32 ms | HF fp32 ms | speedup fp32 | ours bf16 ms | HF bf16 ms | speedup bf16 |"
+          " ours bf16 vs HF fp32 (defaults) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c, b in sorted({(r["context"], r["batch"]) for r in result["vs_hf"]}):
+        g = lambda dt, e: idx[(c, b, dt, e)]                  # noqa: E731
+        o32, h32 = g("fp32", "asyncspade (full)"), g("fp32", "hf generate (sdpa)")
+        o16, h16 = g("bf16", "asyncspade (full)"), g("bf16", "hf generate (sdpa)")
+        print(f"| {c} | {b} | {o32 * 1e3:.1f} | {h32 * 1e3:.1f} | {h32 / o32:.2f}x | {o16 * 1e3:.1f} | "
+              f"{h16 * 1e3:.1f} | {h16 / o16:.2f}x | {h32 / o16:.2f}x |")
+
+
+def run(args) -> int:
+    if args.vs_hf:
+        result = run_vs_hf(args)
+        print_vs_hf(result)
+    else:
+        result = run_sweep(args)
+        print_table(result)
+        if args.plot:
+            plot(result, args.plot)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
