@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import register
+from .attention import NAME, register
 from .config import SparseConfig
 from .kvcache import Batch, KVStore, StoreCache
 from .runtime import SparseRuntime
@@ -26,7 +26,7 @@ class RequestError(ValueError):
     """A request the engine cannot serve (bad prompt or limits); the message is meant for the user."""
 
 
-@dataclass
+@dataclass(eq=False)          # identity semantics: sequences are compared and hashed as objects
 class Sequence:
     id: int
     prompt_ids: list[int]
@@ -74,6 +74,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_tokens = max_tokens or self.config.max_position_embeddings
         self.prefill_chunk = prefill_chunk
+        self._prev_attn = model.config._attn_implementation
         model.set_attn_implementation(register())
         dtype = next(model.parameters()).dtype
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
@@ -214,6 +215,8 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch, mask=None) -> torch.Tensor:
         """Run the decoder over ``ids [B, L]``; returns fp32 logits of the last position ``[B, V]``."""
+        if self.model.config._attn_implementation != NAME:     # another engine on this model was closed
+            self.model.set_attn_implementation(NAME)
         self.rt.activate()
         self.cache.batch = batch
         m = self.model.model
@@ -278,3 +281,5 @@ class Engine:
 
     def close(self) -> None:
         self.rt.close()
+        if self._prev_attn and self._prev_attn != self.model.config._attn_implementation:
+            self.model.set_attn_implementation(self._prev_attn)

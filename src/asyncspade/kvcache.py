@@ -111,8 +111,9 @@ class KVStore:
 class StoreCache(Cache):
     """A transformers ``Cache`` backed by a :class:`KVStore`.
 
-    The engine sets :attr:`batch` before each forward. Under ``model.generate`` (the drop-in path) nobody does,
-    so the cache derives a uniform batch over slots ``[0, B)`` itself when layer 0 is updated.
+    The engine sets :attr:`batch` before each forward. Without the engine (batch 1, no forecast hook on layer 0)
+    the cache derives a uniform batch over slots ``[0, B)`` itself when layer 0 is updated; the Hugging Face
+    drop-in (``hf.DropInCache``) extends this to batched prefill and early forecast hooks.
     """
 
     def __init__(self, store: KVStore, first_layer: int = 0):
