@@ -198,3 +198,20 @@ def test_oracle_does_use_current_query(tiny_llama):
 def test_config_rejects_bad_settings(bad):
     with pytest.raises(ConfigError):
         SparseConfig(**bad).validate()
+
+
+def test_page_prefilter_candidates_are_the_best_pages():
+    """The prefilter keeps whole pages chosen by the Quest bound of the forecast query, within [sink, hi)."""
+    from asyncspade.methods.asyncspade import page_candidates
+    d, kvh, ps = 8, 2, 4
+    store = KVStore(1, 1, kvh, 80, d, torch.float64, page_size=ps, track_pages=True)
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, kvh, 64, d, generator=g, dtype=torch.float64)
+    store.write(0, Batch(0, 1, torch.tensor([0]), 64), keys, keys)
+    q = torch.randn(1, 4, d, generator=g, dtype=torch.float64)
+    cfg = SparseConfig(method="asyncspade", budget=40, sink=4, recent=8, page_size=ps, prefilter="pages")
+    cand = page_candidates(cfg, q, store.pmin[0, 0:1], store.pmax[0, 0:1], torch.tensor([56]), 12, 0.4)
+    ref = reference_quest_pages(q[0], keys[0], 64, ps, 4, 56, 3, 0.4)
+    for kh in range(kvh):
+        assert {int(t) // ps for t in cand[0, kh]} == ref[kh]
+        assert sorted(cand[0, kh].tolist()) == sorted(p * ps + j for p in ref[kh] for j in range(ps))

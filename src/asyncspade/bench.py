@@ -139,7 +139,8 @@ def run_sweep(args) -> dict:
     max_len = max(contexts) + args.rounds * (args.warmup + args.steps) + 8
     head_dim = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim,
-                    next(model.parameters()).dtype, args.page_size, track_pages="quest" in methods)
+                    next(model.parameters()).dtype, args.page_size,
+                    track_pages=any(c.needs_pages for c in cfgs.values()))
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)

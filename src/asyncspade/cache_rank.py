@@ -89,7 +89,7 @@ def _worker_main(cfg, store, shared, sparse_layers, scale, job_sem, done_sem, pa
                 layer = sparse_layers[li]
                 q = shared.qbuf[par, li, lo:hi, :, cfg.window - nq:]
                 idx, _ = temporal_pass(cfg, windows, li, store.k[layer, lo:hi], lo, hi, lengths, q, scale,
-                                       shared.width)
+                                       shared.width, store.pages(layer, lo, hi))
                 tgt = lengths + 1
                 for b in range(hi - lo):          # rows may differ in parity: publish row by row
                     shared.ahead[int(tgt[b]) % 2, lo + b, li] = idx[b]

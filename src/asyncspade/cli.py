@@ -62,6 +62,9 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
                    help=f"ridge: forecaster variant (default {d.ridge_kind})")
     g.add_argument("--superset", type=int, default=d.superset,
                    help=f"hybrid: candidates kept by the step-ahead pass, in multiples of k (default {d.superset})")
+    g.add_argument("--prefilter", default=d.prefilter, choices=["none", "pages"],
+                   help="asyncspade/lastq step-ahead pass: score every key (none), or rank pages by their min/max "
+                   f"bound with the forecast query and score tokens only inside the best ones (default {d.prefilter})")
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help="GQA: combine per-head softmax scores by sum or max (default sum)")
 
@@ -70,7 +73,8 @@ def sparse_from_args(args, method: str | None = None) -> SparseConfig:
     cfg = SparseConfig(method=method or getattr(args, "method", "full"), budget=args.budget, page_size=args.page_size,
                        sink=args.sink, recent=args.recent, dense_layers=args.dense_layers, predictor=args.predictor,
                        lead=args.lead, window=args.window, order=args.order, ridge=args.ridge,
-                       ridge_kind=args.ridge_kind, superset=args.superset, aggregate=args.aggregate)
+                       ridge_kind=args.ridge_kind, superset=args.superset, aggregate=args.aggregate,
+                       prefilter=args.prefilter)
     return cfg.validate()
 
 

@@ -28,11 +28,18 @@ class SparseConfig:
     ridge: float = 1e-2         # ridge: regulariser, relative to the mean diagonal of X^T X
     ridge_kind: str = "ar"      # ar (scalar lags, the paper's reconstruction), mean, linear (2q_t - q_{t-1}), last
     superset: int = 4           # hybrid: the step-ahead temporal pass keeps superset * k candidates
+    prefilter: str = "none"     # step-ahead pass: score every key (none) or pre-select pages by the Quest bound
+                                # with the forecast query, then score tokens only inside them (pages)
     aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
 
     @property
     def sparse(self) -> bool:
         return self.method != "full"
+
+    @property
+    def needs_pages(self) -> bool:
+        """Whether the KV store must keep page min/max (Quest, or the page prefilter of the ahead methods)."""
+        return self.method == "quest" or (self.prefilter == "pages" and self.method in ("asyncspade", "lastq"))
 
     @property
     def k_mid(self) -> int:
@@ -68,6 +75,10 @@ class SparseConfig:
             raise ConfigError("ridge must be >= 0")
         if self.superset < 1:
             raise ConfigError("superset must be >= 1")
+        if self.prefilter not in ("none", "pages"):
+            raise ConfigError("prefilter must be 'none' or 'pages'")
+        if self.prefilter == "pages" and self.k_mid < self.page_size:
+            raise ConfigError(f"the page prefilter needs budget - sink - recent >= page size ({self.page_size})")
         return self
 
     def to_dict(self) -> dict:

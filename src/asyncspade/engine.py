@@ -81,9 +81,9 @@ class Engine:
         # benchmarks pass one filled store to the engines of several methods
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim, dtype, self.sparse.page_size,
-                                      track_pages=self.sparse.method == "quest")
-        if self.sparse.method == "quest" and not self.store.track_pages:
-            raise ValueError("quest needs a KV store that tracks page min/max")
+                                      track_pages=self.sparse.needs_pages)
+        if self.sparse.needs_pages and not self.store.track_pages:
+            raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
         self.cache = StoreCache(self.store)
         self.cache.engine_driven = True
         self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)

@@ -100,6 +100,10 @@ class KVStore:
         self.pmin[layer, slot, :, p0:p1] = lo_pad.view(shape).amin(2)
         self.pmax[layer, slot, :, p0:p1] = hi_pad.view(shape).amax(2)
 
+    def pages(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Page (min, max) of slots ``[lo, hi)``, ``[B, kv_heads, pages, D]`` each, if tracked."""
+        return (self.pmin[layer, lo:hi], self.pmax[layer, lo:hi]) if self.track_pages else None
+
     def keys(self, layer: int, batch: Batch, upto: int | None = None) -> torch.Tensor:
         """View ``[B, kv_heads, upto, D]`` of the batch's keys (default: up to the longest row)."""
         return self.k[layer, batch.lo:batch.hi, :, :batch.max_len if upto is None else upto]

@@ -71,9 +71,10 @@ def quest_page_scores(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, s
 
 
 def topk_pages(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, p_lo: int, p_hi: torch.Tensor, n_pages: int,
-               scale: float, aggregate: str = "sum") -> torch.Tensor:
-    """Top ``n_pages`` pages in ``[p_lo, p_hi[b])`` by the Quest bound, ``[B, KVH, n_pages]`` page numbers."""
-    width = int(p_hi.max()) - p_lo
+               scale: float, aggregate: str = "sum", min_width: int = 0) -> torch.Tensor:
+    """Top ``n_pages`` pages in ``[p_lo, p_hi[b])`` by the Quest bound, ``[B, KVH, n_pages]`` page numbers.
+    ``min_width`` widens the scored range (masked beyond ``p_hi``) so the result always has n_pages columns."""
+    width = min(max(int(p_hi.max()) - p_lo, min_width), pmin.shape[2] - p_lo)
     s = quest_page_scores(q, pmin[:, :, p_lo:p_lo + width], pmax[:, :, p_lo:p_lo + width], scale)
     s = s.masked_fill(~candidate_mask(p_lo, p_hi, width)[:, None, None, :], _MASKED)
     p = s.softmax(-1)

@@ -43,7 +43,7 @@ class SyncSelector:
             return
         keys = self.store.k[layer, batch.lo:batch.hi]
         idx, q_hat = temporal_pass(self.cfg, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
-                                   self.scale, self.width)
+                                   self.scale, self.width, self.store.pages(layer, batch.lo, batch.hi))
         self.ahead[batch.lo:batch.hi, li] = idx
         if not self.xlayer:
             self.forecast[layer] = q_hat

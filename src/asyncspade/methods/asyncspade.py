@@ -17,29 +17,51 @@ import torch
 
 from ..config import SparseConfig
 from ..predictor import QueryWindows, forecast, xlayer_query
-from ..scoring import topk_among, topk_tokens
+from ..scoring import topk_among, topk_pages, topk_tokens
 from .base import Selection, SelectionMethod
 
 
 def ahead_width(cfg: SparseConfig, max_tokens: int) -> int:
     """Entries the step-ahead pass keeps per (slot, layer, KV head)."""
     m = cfg.superset * cfg.k_mid if cfg.predictor == "hybrid" else cfg.k_mid
+    if cfg.prefilter == "pages" and cfg.predictor == "hybrid":
+        m -= m % cfg.page_size                                 # whole pages
     return min(m, max_tokens - cfg.sink)
 
 
+def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
+                    n_tokens: int, scale: float) -> torch.Tensor:
+    """Token positions of the top ``n_tokens // page_size`` pages overlapping ``[sink, hi)`` by the Quest bound of
+    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller."""
+    ps = cfg.page_size
+    n_pages = max(1, n_tokens // ps)
+    pages = topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
+                       min_width=n_pages)
+    return (pages[..., None] * ps + torch.arange(ps)).flatten(-2)
+
+
 def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
-                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int,
+                  pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query ``q_hat`` and
     return the top-``width`` positions for the next step ``[B, KVH, width]`` and ``q_hat [B, H, D]``.
 
     ``keys`` is the slot range's whole key buffer ``[B, KVH, max_tokens, D]``; ``lengths`` the tokens visible now.
     The next step's cache holds ``lengths + 1`` tokens, whose newest ``recent`` are attended anyway.
+    With ``cfg.prefilter == "pages"``, ``pages`` = (page min, page max) of the rows and only the keys of the pages
+    the forecast query ranks highest are read: an eighth of the bytes of a full key scan for the page bounds.
     """
     windows.push(li, lo, hi, q)
     w, count = windows.get(li, lo, hi)
     q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
-    return topk_tokens(q_hat, keys, cfg.sink, lengths + 1 - cfg.recent, width, scale, cfg.aggregate,
-                       min_width=width), q_hat
+    hi_next = lengths + 1 - cfg.recent
+    if cfg.prefilter == "pages":
+        cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, max(width, cfg.superset * cfg.k_mid), scale)
+        if cand.shape[-1] == width:                            # hybrid: the pages are the superset
+            return cand, q_hat
+        valid = (cand >= cfg.sink) & (cand < hi_next.view(-1, 1, 1))
+        return topk_among(q_hat, keys, cand, width, scale, cfg.aggregate, valid=valid), q_hat
+    return topk_tokens(q_hat, keys, cfg.sink, hi_next, width, scale, cfg.aggregate, min_width=width), q_hat
 
 
 def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
@@ -49,7 +71,8 @@ def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, length
     hi = lengths - cfg.recent
     if cand is None:
         return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
-    return topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=cand < hi.view(-1, 1, 1))
+    valid = (cand >= cfg.sink) & (cand < hi.view(-1, 1, 1))
+    return topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=valid)
 
 
 class AsyncSpade(SelectionMethod):
