@@ -266,17 +266,19 @@ def run_vs_hf(args) -> dict:
     rows = []
     models = {}
     for dt in (torch.float32, torch.bfloat16):
-        models[dt] = load_model(args.model, dt, progress=lambda m: print(f"[asyncspade] {m}", file=sys.stderr))
+        # two copies: the engine lays fp32 weights out for decoding, HF gets the model as loaded
+        say = lambda m: print(f"[asyncspade] {m}", file=sys.stderr)   # noqa: E731
+        models[dt] = (load_model(args.model, dt, progress=say), load_model(args.model, dt, progress=say))
     total = len(contexts) * len(batches) * 4
     with tqdm(total=total, desc="vs hf", file=sys.stderr) as bar:
         for c in contexts:
             for b in batches:
-                for dt, (model, tok) in models.items():
+                for dt, ((model, tok), (hf_model, _)) in models.items():
                     ids = prose_ids(tok, c)
                     name = "fp32" if dt == torch.float32 else "bf16"
                     ours = ours_tpot(model, tok, ids, b, args.steps)
                     bar.update()
-                    hf = hf_tpot(model, torch.tensor([ids] * b), args.steps)
+                    hf = hf_tpot(hf_model, torch.tensor([ids] * b), args.steps)
                     bar.update()
                     rows += [{"context": c, "batch": b, "dtype": name, "engine": "asyncspade (full)", "tpot_s": ours},
                              {"context": c, "batch": b, "dtype": name, "engine": "hf generate (sdpa)", "tpot_s": hf}]

@@ -18,6 +18,7 @@ import torch
 from .attention import NAME, register
 from .config import SparseConfig
 from .kvcache import Batch, KVStore, StoreCache
+from .models import transpose_fp32_linears
 from .runtime import SparseRuntime
 from .sampling import SamplingParams, make_generator, sample
 
@@ -67,13 +68,15 @@ class Event:
 class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
-                 on_late: str = "wait", store: KVStore | None = None):
+                 on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
         self.max_batch = max_batch
         self.max_tokens = max_tokens or self.config.max_position_embeddings
         self.prefill_chunk = prefill_chunk
+        if transpose_weights:
+            transpose_fp32_linears(model)          # fp32 only; a no-op for bf16 and when already done
         self._prev_attn = model.config._attn_implementation
         model.set_attn_implementation(register())
         dtype = next(model.parameters()).dtype

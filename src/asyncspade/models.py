@@ -385,3 +385,27 @@ def tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return _finish(model, dtype), tok
+
+
+def transpose_fp32_linears(model: PreTrainedModel) -> int:
+    """Store every fp32 linear weight transposed in memory (the parameter stays the same ``[out, in]`` view).
+
+    On this class of CPU, an fp32 matrix-vector product streams a ``[in, out]``-contiguous weight about twice as
+    fast as the ``[out, in]`` layout ``nn.Linear`` uses (measured: 5.3 vs 10 ms for the 49152x576 LM head at batch
+    1); decoding is a stream of such products. bf16 weights are left alone (oneDNN prefers the usual layout).
+    Tied weights stay tied. Returns the number of weights changed.
+    """
+    done: dict[int, torch.nn.Parameter] = {}
+    modules = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    for m in modules:
+        w = m.weight
+        if w.dtype != torch.float32 or w.dim() != 2:
+            continue
+        if id(w) not in done:
+            if not isinstance(m, torch.nn.Linear) or not w.is_contiguous():
+                continue
+            done[id(w)] = torch.nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+    for m in modules:
+        if id(m.weight) in done:
+            m.weight = done[id(m.weight)]
+    return len(done)
