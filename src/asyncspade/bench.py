@@ -31,7 +31,7 @@ PROSE = os.path.join("..", "shared", "data", "tinyshakespeare.txt")
 
 def add_arguments(p) -> None:
     add_model_args(p)
-    add_sparse_args(p, "full,quest,oracle,lastq,asyncspade", multi=True)
+    add_sparse_args(p, "full,quest,oracle,lastq,asyncspade", multi=True, selector=True)
     g = p.add_argument_group("benchmark")
     g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated")
     g.add_argument("--batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
@@ -39,10 +39,6 @@ def add_arguments(p) -> None:
     g.add_argument("--steps", type=int, default=16, help="timed decode steps per method and round")
     g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
     g.add_argument("--rounds", type=int, default=2, help="methods are interleaved over this many rounds")
-    g.add_argument("--selector", default="async", choices=["async", "sync"],
-                   help="where lastq/asyncspade select: the cache-rank worker (async) or in-process (sync)")
-    g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
-                   help="async selector: block for a late selection, or reuse the previous step's")
     g.add_argument("--threads", type=int, default=2, help="intra-op threads for the synchronous methods")
     g.add_argument("--fill", type=int, default=2048, help="tokens of real prefill the cache is tiled from")
     g.add_argument("--vs-hf", action="store_true",

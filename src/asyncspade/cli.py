@@ -36,7 +36,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and KV cache dtype (bf16 is faster on CPUs with AVX-512 BF16; fp32 is exact)")
 
 
-def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False) -> None:
+def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False,
+                    selector: bool = False) -> None:
+    """The sparse-attention flags. ``selector=True`` adds where lastq/asyncspade select (``--selector``,
+    ``--on-late``): timing, not results, so evaluations that compare selections leave it out."""
     d = SparseConfig()
     g = p.add_argument_group("sparse attention")
     if multi:
@@ -67,6 +70,14 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
                    f"bound with the forecast query and score tokens only inside the best ones (default {d.prefilter})")
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help="GQA: combine per-head softmax scores by sum or max (default sum)")
+    if selector:
+        g.add_argument("--selector", default="async", choices=["async", "sync"],
+                       help="where lastq/asyncspade select: async (the cache-rank worker process, off the decode "
+                       "loop's critical path) or sync (in-process, when each selection becomes possible) "
+                       "(default async)")
+        g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
+                       help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
+                       "step's set (default wait)")
 
 
 def sparse_from_args(args, method: str | None = None) -> SparseConfig:

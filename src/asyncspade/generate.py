@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
     g.add_argument("--max-context", type=int, default=None,
                    help="KV cache capacity in tokens, prompt included (default: the model's context)")
     add_model_args(p)
-    add_sparse_args(p, "asyncspade")
+    add_sparse_args(p, "asyncspade", selector=True)
 
 
 def read_prompt(arg: str | None) -> str:
@@ -74,7 +74,8 @@ def run(args) -> int:
     from .engine import Engine              # transformers loads here, not for `--help` or bad flags
     from .models import encode_prompt
 
-    engine = Engine(model, tokenizer, cfg, max_batch=1, max_tokens=args.max_context)
+    engine = Engine(model, tokenizer, cfg, max_batch=1, max_tokens=args.max_context, selector=args.selector,
+                    on_late=args.on_late)
     try:
         seq = engine.add(encode_prompt(tokenizer, prompt, chat=not args.no_chat), params)
         if args.json:

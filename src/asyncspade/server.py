@@ -640,7 +640,7 @@ def _sse(obj: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli import add_model_args, add_sparse_args
     add_model_args(p)
-    add_sparse_args(p, "asyncspade")
+    add_sparse_args(p, "asyncspade", selector=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -651,12 +651,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context per sequence, prompt + output (default: the model's maximum)")
     g.add_argument("--max-engines", type=int, default=4, help="distinct (method, budget) engines alive at once for "
                    "per-request overrides, each with its own KV store (default 4)")
-    g.add_argument("--selector", default="sync", choices=["sync", "async"],
-                   help="where lastq/asyncspade selections run: sync (in the decode loop) or async (the cache-rank "
-                   "worker process, off the critical path) (default sync)")
-    g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
-                   help="async selector not ready in time: wait for it, or reuse the previous step's set "
-                   "(default wait)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     g.add_argument("--served-model-name", default=None,
                    help=f"model id in the API (default {DEFAULT_NAME!r}, or the --model path's name)")
