@@ -68,9 +68,13 @@ class KVStore:
         """Store the new keys/values ``[B, kv_heads, q_len, D]`` of ``batch`` at their positions."""
         K, V = self.k[layer, batch.lo:batch.hi], self.v[layer, batch.lo:batch.hi]
         if batch.q_len == 1:
-            pos = batch.start
-            K[batch.rows, :, pos] = k[:, :, 0]
-            V[batch.rows, :, pos] = v[:, :, 0]
+            if batch.size == 1:                     # plain slice copies: cheaper than an indexed write
+                p = int(batch.start[0])
+                K[0, :, p] = k[0, :, 0]
+                V[0, :, p] = v[0, :, 0]
+            else:
+                K[batch.rows, :, batch.start] = k[:, :, 0]
+                V[batch.rows, :, batch.start] = v[:, :, 0]
             if self.track_pages:
                 self._page_append(layer, batch, k[:, :, 0])
         else:
