@@ -89,7 +89,7 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -
 def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     ahead = cfg.method in AHEAD
     selector = args.selector if ahead else "sync"
-    threads = 1 if selector == "async" else args.threads
+    threads = 1 if selector in ("async", "dist") else args.threads
     torch.set_num_threads(threads)
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
                  on_late=args.on_late)
@@ -194,8 +194,8 @@ def print_table(result: dict) -> None:
     for r in ratios(result):
         t.add_row(str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
                   f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
-                  f(r["vs_bound"]), f"{100 * r['late_rate']:.0f}" if r["selector"] == "async" else "",
-                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] == "async" else "")
+                  f(r["vs_bound"]), f"{100 * r['late_rate']:.0f}" if r["selector"] in ("async", "dist") else "",
+                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] in ("async", "dist") else "")
     Console(file=sys.stdout, width=160).print(t)
     print(f"cache: {result['cache']}")
 

@@ -128,6 +128,9 @@ class AsyncSelector:
         self._done_t, self._done_x = self.shared.done_t.numpy(), self.shared.done_x.numpy()
         self._jobs_done = self.shared.jobs_done.numpy()
         self._posted = np.zeros((2, len(sparse_layers)), dtype=np.int64)
+        # target cache length of the newest job posted per (kind, slot, layer): a step no job was posted for
+        # (e.g. the first step of a sequence adopted from a filled cache) must not be waited for
+        self._asked = np.full((2, store.slots, len(sparse_layers)), -1, dtype=np.int64)
         self._head = 0
         ctx = mp.get_context("spawn")
         self.job_sem, self.done_sem = ctx.Semaphore(0), ctx.Semaphore(0)
@@ -183,6 +186,7 @@ class AsyncSelector:
         nq = min(q.shape[2], self.cfg.window)
         self.shared.qbuf[par, li, batch.lo:batch.hi, :, self.cfg.window - nq:] = q[:, :, -nq:]
         self._posted[0, li] += 1
+        self._asked[0, batch.lo:batch.hi, li] = batch.lengths.numpy() + 1
         self._post(TEMPORAL, li, batch.lo, batch.hi, nq, par, batch.lengths.numpy())
 
     def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
@@ -194,6 +198,7 @@ class AsyncSelector:
             return self.fallback.on_xlayer(layer, q_x, batch)
         self.shared.xbuf[par, li, batch.lo:batch.hi] = q_x
         self._posted[1, li] += 1
+        self._asked[1, batch.lo:batch.hi, li] = batch.lengths.numpy()
         self._post(XLAYER, li, batch.lo, batch.hi, 1, par, batch.lengths.numpy())
 
     # ------------------------------------------------------------------ picking up results
@@ -207,6 +212,8 @@ class AsyncSelector:
         lengths = batch.lengths.numpy()
         need = lengths > self.cfg.budget                  # rows that attend sparsely this step
         rows = slice(batch.lo, batch.hi)
+        if not np.all(self._asked[int(self.xlayer), rows, li][need] == lengths[need]):
+            return self._fallback_get(layer, batch, q_now)        # nothing was scheduled for this step
         self.steps += 1
         if not np.all(done[rows, li][need] == lengths[need]):
             self.late += 1
@@ -250,8 +257,8 @@ class AsyncSelector:
         self._stop_worker()
 
     def _fallback_get(self, layer: int, batch: Batch, q_now: torch.Tensor | None) -> torch.Tensor:
-        """After a fault the windows are gone: this one step selects with the current query (exact), later steps
-        rebuild the windows in-process."""
+        """No selection to pick up (after a fault the windows are gone; or no job was posted for this step):
+        select with the current query (exact). After a fault later steps rebuild the windows in-process."""
         from .scoring import topk_tokens
         c = self.cfg
         if q_now is None:

@@ -71,10 +71,11 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help="GQA: combine per-head softmax scores by sum or max (default sum)")
     if selector:
-        g.add_argument("--selector", default="async", choices=["async", "sync"],
-                       help="where lastq/asyncspade select: async (the cache-rank worker process, off the decode "
-                       "loop's critical path) or sync (in-process, when each selection becomes possible) "
-                       "(default async)")
+        g.add_argument("--selector", default="async", choices=["async", "sync", "dist"],
+                       help="where lastq/asyncspade select: async (the cache-rank worker process over shared "
+                       "memory, off the decode loop's critical path), dist (a cache rank over torch.distributed "
+                       "with its own key copy, for another device or host), or sync (in-process, when each "
+                       "selection becomes possible) (default async)")
         g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
                        help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
                        "step's set (default wait)")

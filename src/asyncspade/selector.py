@@ -72,10 +72,14 @@ class SyncSelector:
 
 def make_selector(kind: str, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int],
                   scale: float, on_late: str = "wait"):
-    """``sync``: in-process at the moment each selection becomes possible; ``async``: the cache-rank worker."""
+    """``sync``: in-process at the moment each selection becomes possible; ``async``: the cache-rank worker
+    process over shared memory; ``dist``: a cache rank over torch.distributed that keeps its own key copy."""
     if kind == "sync":
         return SyncSelector(cfg, store, num_heads, sparse_layers, scale)
     if kind == "async":
         from .cache_rank import AsyncSelector
         return AsyncSelector(cfg, store, num_heads, sparse_layers, scale, on_late=on_late)
-    raise ValueError(f"unknown selector {kind!r}; choose sync or async")
+    if kind == "dist":
+        from .cache_rank_dist import DistSelector
+        return DistSelector(cfg, store, num_heads, sparse_layers, scale, on_late=on_late)
+    raise ValueError(f"unknown selector {kind!r}; choose sync, async or dist")
