@@ -252,7 +252,7 @@ def main(argv=None) -> int:
                    "full,asyncspade (default: load the running server at --host/--port)")
     p.add_argument("--budget", type=int, default=1024, help="sparse budget of the started servers (default 1024)")
     p.add_argument("--model", default=None, help="--model of the started servers (default: bundled SmolLM2)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="--dtype of the started servers")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="--dtype of the started servers")
     p.add_argument("--server-args", default="", help="more flags for the started servers, e.g. '--predictor ridge'")
     p.add_argument("--host", default="127.0.0.1", help="server host, loopback only (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port of an already running server (default 8000)")

@@ -1,7 +1,7 @@
 """The Python API, in the shape users know from vLLM::
 
     from asyncspade import LLM, SamplingParams
-    llm = LLM(method="asyncspade", budget=1024)           # bundled SmolLM2-135M-Instruct, bf16
+    llm = LLM(method="asyncspade", budget=1024)           # bundled SmolLM2-135M-Instruct, fp32
     out = llm.generate(["Why is the sky blue?"], SamplingParams(max_tokens=64))
     print(out[0].text, out[0].tpot_s)
     for delta in llm.stream("Count to ten.", SamplingParams(max_tokens=32)):
@@ -33,7 +33,7 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "bf16", max_batch: int = 8,
+    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "fp32", max_batch: int = 8,
                  max_tokens: int | None = None, chat: bool = True, sparse: SparseConfig | None = None,
                  progress=None, **sparse_settings):
         """``sparse_settings`` are :class:`SparseConfig` fields (method, budget, predictor, ...)."""

@@ -38,9 +38,9 @@ def long_context(tok, n_tokens: int) -> tuple[list[int], str]:
 def main(context: int = 6000, new_tokens: int = 96, budget: int = 1024) -> int:
     def say(msg):
         print(f"[demo] {msg}", file=sys.stderr, flush=True)
-    model, tok = load_model(None, torch.bfloat16, progress=say)
+    model, tok = load_model(None, torch.float32, progress=say)
     ids, what = long_context(tok, context)
-    say(f"context: {len(ids)} tokens of {what}; continuing for {new_tokens} tokens, greedy, bf16")
+    say(f"context: {len(ids)} tokens of {what}; continuing for {new_tokens} tokens, greedy, fp32")
     runs = {}
     for name, cfg, selector, threads in (
             ("full", SparseConfig(method="full"), "sync", 2),
@@ -59,7 +59,7 @@ def main(context: int = 6000, new_tokens: int = 96, budget: int = 1024) -> int:
     (full, _), (sparse, late) = runs["full"], runs["asyncspade"]
     same = next((i for i, (a, b) in enumerate(zip(full.output_ids, sparse.output_ids)) if a != b), new_tokens)
     print("\n" + "=" * 72)
-    print(f"context {len(ids)} tokens, {new_tokens} new tokens, bf16, {os.cpu_count()} cores")
+    print(f"context {len(ids)} tokens, {new_tokens} new tokens, fp32, {os.cpu_count()} cores")
     print(f"{'method':12s} {'TPOT ms':>9s} {'tok/s':>7s}")
     for name, (seq, _) in runs.items():
         print(f"{name:12s} {seq.tpot_s * 1e3:9.1f} {1 / seq.tpot_s:7.1f}")
