@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
     g.add_argument("--rounds", type=int, default=2, help="methods are interleaved over this many rounds")
     g.add_argument("--threads", type=int, default=2, help="intra-op threads for the synchronous methods")
+    g.add_argument("--decode-threads", type=int, default=1,
+                   help="intra-op threads of the decode loop when a cache-rank worker runs beside it")
     g.add_argument("--fill", type=int, default=2048, help="tokens of real prefill the cache is tiled from")
     g.add_argument("--vs-hf", action="store_true",
                    help="instead: our engine (full) vs Hugging Face generate (sdpa), in fp32 and bf16")
@@ -89,7 +91,7 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -
 def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     ahead = cfg.method in AHEAD
     selector = args.selector if ahead else "sync"
-    threads = 1 if selector in ("async", "dist") else args.threads
+    threads = args.decode_threads if selector in ("async", "dist") else args.threads
     torch.set_num_threads(threads)
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
                  on_late=args.on_late)
@@ -136,7 +138,8 @@ def run_sweep(args) -> dict:
     head_dim = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim,
                     next(model.parameters()).dtype, args.page_size,
-                    track_pages=any(c.needs_pages for c in cfgs.values()))
+                    track_pages=any(c.needs_pages for c in cfgs.values()),
+                    shared=args.selector == "async" and any(m in AHEAD for m in methods))
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)

@@ -84,7 +84,8 @@ class Engine:
         # benchmarks pass one filled store to the engines of several methods
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim, dtype, self.sparse.page_size,
-                                      track_pages=self.sparse.needs_pages)
+                                      track_pages=self.sparse.needs_pages,
+                                      shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"))
         if self.sparse.needs_pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
         self.cache = StoreCache(self.store)

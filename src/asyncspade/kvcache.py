@@ -31,23 +31,36 @@ class Batch:
         return self.hi - self.lo
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """Zeros, not empty: unused rows are gathered under a -inf mask, and 0 * NaN garbage would still be NaN.
+    ``shared`` allocates in shared memory from the start (zero pages from the kernel): moving a filled
+    multi-GB store there later would copy it and transiently double its memory."""
+    if not shared:
+        return torch.zeros(shape, dtype=dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    storage = torch.UntypedStorage._new_shared(n * torch.empty(0, dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 class KVStore:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_tokens: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, page_size: int = 16, track_pages: bool = False):
+                 dtype: torch.dtype = torch.float32, page_size: int = 16, track_pages: bool = False,
+                 shared: bool = False):
         self.num_layers, self.slots, self.kv_heads = num_layers, slots, kv_heads
         self.max_tokens, self.head_dim, self.dtype = max_tokens, head_dim, dtype
         shape = (num_layers, slots, kv_heads, max_tokens, head_dim)
-        # zeros, not empty: unused rows are gathered under a -inf mask, and 0 * NaN garbage would still be NaN
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = _zeros(shape, dtype, shared)
+        self.v = _zeros(shape, dtype, shared)
         self.page_size = page_size
         self.track_pages = track_pages
         if track_pages:
             pages = (max_tokens + page_size - 1) // page_size
             pshape = (num_layers, slots, kv_heads, pages, head_dim)
-            self.pmin = torch.zeros(pshape, dtype=dtype)
-            self.pmax = torch.zeros(pshape, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.int64)   # committed tokens per slot
+            self.pmin = _zeros(pshape, dtype, shared)
+            self.pmax = _zeros(pshape, dtype, shared)
+        self.lengths = _zeros((slots,), torch.int64, shared)     # committed tokens per slot
 
     @property
     def bytes_per_token(self) -> int:
@@ -55,7 +68,8 @@ class KVStore:
 
     def share_memory_(self) -> "KVStore":
         for t in self.tensors():
-            t.share_memory_()
+            if not t.is_shared():
+                t.share_memory_()
         return self
 
     def tensors(self) -> list[torch.Tensor]:
