@@ -55,7 +55,8 @@ def data_path(path: str | Path) -> Path:
 
 
 def read_windows(path: str | Path, tokenizer, context: int, *, chat: bool = False, limit: int | None = None,
-                 max_tokens: int | None = None, prefill: int | None = None, windows: int = TEXT_WINDOWS) -> list[Window]:
+                 max_tokens: int | None = None, prefill: int | None = None,
+                 windows: int = TEXT_WINDOWS) -> list[Window]:
     """JSONL reasoning traces (fields ``prompt``, ``output``) or windows of a plain-text file, as token windows."""
     path = data_path(path)
     if path.suffix == ".jsonl":
@@ -177,7 +178,8 @@ def _score(meter: Meter, dense: dict, sparse: dict, windows: list[Window], budge
     ls = torch.stack([sparse[r][1] for r in recs]).float().log_softmax(-1)
     meter.add("kl", (ld.exp() * (ld - ls)).sum(-1), pos)
     meter.add("top1", (ld.argmax(-1) == ls.argmax(-1)).float())
-    nxt = torch.tensor([windows[r].ids[p + 1] if p + 1 < len(windows[r].ids) else -1 for r, p in zip(recs, pos.tolist())])
+    ids = [windows[r].ids for r in recs]
+    nxt = torch.tensor([t[p + 1] if p + 1 < len(t) else -1 for t, p in zip(ids, pos.tolist())])   # true next token
     has = (nxt >= 0).nonzero()[:, 0]
     if len(has):
         meter.add("nll", -ls[has, nxt[has]])
@@ -256,7 +258,8 @@ def plot(meters: dict[str, Meter], path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric, label in ((axes[0], "kl", "KL(dense || sparse)"), (axes[1], "attn_recall", "attention-mass recall")):
+    panels = ((axes[0], "kl", "KL(dense || sparse)"), (axes[1], "attn_recall", "attention-mass recall"))
+    for ax, metric, label in panels:
         for name, m in meters.items():
             x, y = m.curve(metric)
             if x:
