@@ -124,7 +124,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """All subcommands are listed; only the one named in ``argv`` imports its module (fast ``--help``)."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = set(argv[:2])
-    parser = argparse.ArgumentParser(prog="asyncspade", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="asyncspade", description="Query-aware sparse attention whose top-k "
+                                     "token selection runs ahead of the decode loop (AsyncSpade). "
+                                     "`asyncspade COMMAND --help` explains each command's flags.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(subparsers, name, mod, help_, wanted):
