@@ -84,7 +84,7 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -
     if store.track_pages:
         for layer in range(store.num_layers):
             for s in range(slots):
-                store._page_rebuild(layer, s, 0, length)
+                store.rebuild_pages(layer, s, 0, length)
     return ids
 
 

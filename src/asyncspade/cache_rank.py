@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -35,7 +33,7 @@ from .config import SparseConfig
 from .kvcache import Batch, KVStore
 from .methods.asyncspade import ahead_width, temporal_pass, xlayer_pass
 from .predictor import QueryWindows
-from .selector import SyncSelector
+from .selector import SyncSelector, in_process_fallback
 
 RESET, TEMPORAL, XLAYER, STOP = 0, 1, 2, 3
 HEADER = 6                         # kind, layer index, lo, hi, number of queries, buffer parity
@@ -250,9 +248,8 @@ class AsyncSelector:
     def _start_fallback(self, why: str) -> None:
         if self.fallback is not None:
             return
-        print(f"[asyncspade] warning: {why}; continuing with synchronous selection in-process", file=sys.stderr)
-        warnings.warn(why, RuntimeWarning, stacklevel=3)
-        self.fallback = SyncSelector(self.cfg, self.store, self.num_heads, self.sparse_layers, self.scale)
+        self.fallback = in_process_fallback(why, self.cfg, self.store, self.num_heads, self.sparse_layers,
+                                            self.scale)
         self._fallback_len = int(self.store.lengths.max()) + 1      # covers the step in progress
         self._stop_worker()
 

@@ -30,11 +30,9 @@ import queue
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,7 +47,7 @@ from .kvcache import Batch, KVStore
 from .methods.asyncspade import ahead_width, temporal_pass, xlayer_pass
 from .predictor import QueryWindows
 from .scoring import topk_tokens
-from .selector import SyncSelector
+from .selector import SyncSelector, in_process_fallback
 
 RESET, TEMPORAL, XLAYER, KEYS, STOP = range(5)
 T_HEAD, T_QWIN, T_Q1, T_QX, T_KROW, T_KCHUNK, T_RESULT = range(1, 8)   # one tag per message shape
@@ -150,7 +148,7 @@ class _CacheRank:
         n = rows.shape[1]
         self.store.k[li, slot, :, pos:pos + n] = rows
         if self.store.track_pages:
-            self.store._page_rebuild(li, slot, pos, pos + n)
+            self.store.rebuild_pages(li, slot, pos, pos + n)
 
     def run(self, pg) -> None:
         self.pg = pg
@@ -462,9 +460,8 @@ class DistSelector:
     def _start_fallback(self, why: str) -> None:
         if self.fallback is not None:
             return
-        print(f"[asyncspade] warning: {why}; continuing with synchronous selection in-process", file=sys.stderr)
-        warnings.warn(why, RuntimeWarning, stacklevel=3)
-        self.fallback = SyncSelector(self.cfg, self.store, self.num_heads, self.sparse_layers, self.scale)
+        self.fallback = in_process_fallback(why, self.cfg, self.store, self.num_heads, self.sparse_layers,
+                                            self.scale)
         # cache length each (slot, layer)'s in-process selection is for: its windows start empty and the passes
         # it missed (earlier layers of the step in progress) left nothing behind
         self._fb_t = np.full_like(self._done, -1)

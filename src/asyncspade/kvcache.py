@@ -97,7 +97,7 @@ class KVStore:
             K[0, :, o:o + batch.q_len] = k[0]
             V[0, :, o:o + batch.q_len] = v[0]
             if self.track_pages:
-                self._page_rebuild(layer, batch.lo, o, o + batch.q_len)
+                self.rebuild_pages(layer, batch.lo, o, o + batch.q_len)
 
     def _page_append(self, layer: int, batch: Batch, k: torch.Tensor) -> None:
         pmin, pmax = self.pmin[layer, batch.lo:batch.hi], self.pmax[layer, batch.lo:batch.hi]
@@ -106,7 +106,7 @@ class KVStore:
         pmin[batch.rows, :, page] = torch.where(first, k, torch.minimum(pmin[batch.rows, :, page], k))
         pmax[batch.rows, :, page] = torch.where(first, k, torch.maximum(pmax[batch.rows, :, page], k))
 
-    def _page_rebuild(self, layer: int, slot: int, begin: int, end: int) -> None:
+    def rebuild_pages(self, layer: int, slot: int, begin: int, end: int) -> None:
         """Recompute the min/max of every page touched by tokens ``[begin, end)`` from the stored keys."""
         ps = self.page_size
         p0, p1 = begin // ps, (end - 1) // ps + 1

@@ -7,6 +7,9 @@ exactly the same tokens.
 """
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
 
 from .config import SparseConfig
@@ -68,6 +71,14 @@ class SyncSelector:
 
     def close(self) -> None:
         pass
+
+
+def in_process_fallback(why: str, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int],
+                        scale: float) -> SyncSelector:
+    """A cache rank failed: say so once (stderr and a RuntimeWarning) and hand back an in-process selector."""
+    print(f"[asyncspade] warning: {why}; continuing with synchronous selection in-process", file=sys.stderr)
+    warnings.warn(why, RuntimeWarning, stacklevel=4)
+    return SyncSelector(cfg, store, num_heads, sparse_layers, scale)
 
 
 def make_selector(kind: str, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int],
