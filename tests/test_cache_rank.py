@@ -90,3 +90,46 @@ def test_no_leftovers_after_two_runs(tiny_llama):
         generate(model, tok, cfg, [list(range(300, 380))], 6, "async", on_late="reuse")
         assert children() == set()
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def _selector_setup(seed=0, T=160, n=120, slots=2, heads=4, kvh=2, d=8):
+    from asyncspade.kvcache import KVStore
+    g = torch.Generator().manual_seed(seed)
+    store = KVStore(2, slots, kvh, T, d, torch.float32, page_size=8, track_pages=True)
+    store.k.copy_(torch.randn(store.k.shape, generator=g))
+    for layer in range(2):
+        for s in range(slots):
+            store.rebuild_pages(layer, s, 0, n)
+    cfg = SparseConfig(method="asyncspade", budget=32, sink=4, recent=4, dense_layers=0, predictor="hybrid",
+                       superset=2, page_size=8)
+    return cfg, store, g
+
+
+@pytest.mark.parametrize("kind", ["sync", "async", "dist"])
+def test_new_occupant_never_gets_stale_selection(kind):
+    """A slot's previous occupant left step-ahead candidates for the very cache length the new occupant starts
+    at (a sequence adopted from a filled cache). The cross-layer pass must not refine those: it scores every key,
+    exactly like an exact top-k with the cross-layer query."""
+    from asyncspade.kvcache import Batch
+    from asyncspade.scoring import topk_tokens
+    from asyncspade.selector import make_selector
+    cfg, store, g = _selector_setup()
+    heads, d, n = 4, 8, 120
+    sel = make_selector(kind, cfg, store, heads, [0, 1], 1.0)
+    try:
+        sel.reset(0, 2)
+        old = Batch(0, 2, torch.tensor([n - 1, n - 1]), 1)              # the old occupants' last step
+        for layer in (0, 1):
+            sel.on_query(layer, torch.randn(2, heads, 1, d, generator=g), old)
+        sel.reset(0, 1)                                                 # slot 0: a new sequence, same length
+        new = Batch(0, 2, torch.tensor([n, n]), 0)
+        qx = torch.randn(2, heads, d, generator=g) * 4
+        for layer in (0, 1):
+            sel.on_xlayer(layer, qx, new)
+        for layer in (0, 1):
+            got = sel.get(layer, new, qx[:, :, None])
+            want = topk_tokens(qx, store.k[layer, 0:2], cfg.sink, new.lengths - cfg.recent, cfg.k_mid, 1.0)
+            assert set(got[0, 0].tolist()) == set(want[0, 0].tolist())   # slot 0: every key scored
+            assert got.shape == want.shape
+    finally:
+        sel.close()

@@ -12,8 +12,9 @@ Protocol, per sparse layer l:
 - when the residual enters layer l - lead, the decode loop posts an XLAYER job with the cross-layer forecast;
   the worker picks the exact top-k (among the candidates, for ``hybrid``) for cache length ``n``;
 - results are double-buffered by the parity of the target cache length, and ``done[slot, l]`` records the
-  target length of the newest published result, so the decode loop knows without a round trip whether the
-  selection it needs is ready. If not: ``on_late="wait"`` blocks on the done semaphore, ``"reuse"`` takes the
+  *tag* of the newest published result — the slot's occupancy serial and the target length, ``serial << 32 |
+  length`` — so the decode loop knows without a round trip whether the selection it needs is ready, and a late
+  result made for a slot's previous occupant can never be taken for the new one's. If not: ``on_late="wait"`` blocks on the done semaphore, ``"reuse"`` takes the
   previous step's set.
 
 The worker runs exactly the functions :class:`~asyncspade.selector.SyncSelector` runs, on the same data, so with
@@ -52,7 +53,7 @@ class SharedState:
         self.done_t = torch.full((s, num_sparse), -1, dtype=torch.int64)         # target length published
         self.done_x = torch.full((s, num_sparse), -1, dtype=torch.int64)
         self.jobs_done = torch.zeros(2, num_sparse, dtype=torch.int64)           # per kind (temporal, xlayer)
-        self.ring = torch.zeros(8 * num_sparse + 8, HEADER + s, dtype=torch.int64)
+        self.ring = torch.zeros(8 * num_sparse + 8, HEADER + 2 * s, dtype=torch.int64)   # + lengths, tags
         for t in self.tensors():
             t.share_memory_()
 
@@ -78,7 +79,9 @@ def _worker_main(cfg, store, shared, sparse_layers, scale, job_sem, done_sem, pa
             rec = ring[tail % len(ring)].copy()
             tail += 1
             kind, li, lo, hi, nq, par = (int(x) for x in rec[:HEADER])
+            s = store.slots
             lengths = torch.from_numpy(rec[HEADER + lo:HEADER + hi].copy())
+            tags = rec[HEADER + s + lo:HEADER + s + hi]                 # serial << 32 | length, per row
             if kind == STOP:
                 return
             if kind == RESET:
@@ -91,18 +94,19 @@ def _worker_main(cfg, store, shared, sparse_layers, scale, job_sem, done_sem, pa
                 tgt = lengths + 1
                 for b in range(hi - lo):          # rows may differ in parity: publish row by row
                     shared.ahead[int(tgt[b]) % 2, lo + b, li] = idx[b]
-                done_t[lo:hi, li] = tgt.numpy()
+                done_t[lo:hi, li] = tags + 1
                 jobs_done[0, li] += 1
             elif kind == XLAYER:
                 layer = sparse_layers[li]
                 q_x = shared.xbuf[par, li, lo:hi]
-                cand = None
+                cand = cand_ok = None
                 if cfg.predictor == "hybrid":
                     cand = torch.stack([shared.ahead[int(lengths[b]) % 2, lo + b, li] for b in range(hi - lo)])
-                idx = xlayer_pass(cfg, q_x, store.k[layer, lo:hi], lengths, scale, cand)
+                    cand_ok = torch.from_numpy(done_t[lo:hi, li] == tags)   # made for this step of this occupant
+                idx = xlayer_pass(cfg, q_x, store.k[layer, lo:hi], lengths, scale, cand, cand_ok)
                 for b in range(hi - lo):
                     shared.chosen[int(lengths[b]) % 2, lo + b, li] = idx[b]
-                done_x[lo:hi, li] = lengths.numpy()
+                done_x[lo:hi, li] = tags
                 jobs_done[1, li] += 1
             done_sem.release()
 
@@ -129,6 +133,7 @@ class AsyncSelector:
         # target cache length of the newest job posted per (kind, slot, layer): a step no job was posted for
         # (e.g. the first step of a sequence adopted from a filled cache) must not be waited for
         self._asked = np.full((2, store.slots, len(sparse_layers)), -1, dtype=np.int64)
+        self._serial = np.zeros(store.slots, dtype=np.int64)      # bumped when a new sequence takes the slot
         self._head = 0
         ctx = mp.get_context("spawn")
         self.job_sem, self.done_sem = ctx.Semaphore(0), ctx.Semaphore(0)
@@ -145,16 +150,20 @@ class AsyncSelector:
         self.steps = 0            # selections handed to the decode loop
         self.late = 0             # of which were not ready in time
         self.wait_s = 0.0         # total time the decode loop blocked on the worker
-        self.forecast: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ posting jobs
+    def _tags(self, lo: int, hi: int, lengths: np.ndarray) -> np.ndarray:
+        return (self._serial[lo:hi] << 32) + lengths
+
     def _post(self, kind: int, li: int, lo: int, hi: int, nq: int, par: int, lengths=None) -> bool:
         if self.fallback is not None:
             return False
         rec = self._ring[self._head % len(self._ring)]
         rec[:HEADER] = (kind, li, lo, hi, nq, par)
         if lengths is not None:
+            s = self.store.slots
             rec[HEADER + lo:HEADER + hi] = lengths
+            rec[HEADER + s + lo:HEADER + s + hi] = self._tags(lo, hi, lengths)
         self._head += 1
         self.job_sem.release()
         return True
@@ -170,8 +179,8 @@ class AsyncSelector:
     def reset(self, lo: int, hi: int) -> None:
         if self.fallback is not None:
             return self.fallback.reset(lo, hi)
-        self._done_t[lo:hi] = -1
-        self._done_x[lo:hi] = -1
+        self._serial[lo:hi] += 1
+        self._asked[:, lo:hi] = -1
         self._post(RESET, 0, lo, hi, 0, 0)
 
     def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
@@ -184,7 +193,7 @@ class AsyncSelector:
         nq = min(q.shape[2], self.cfg.window)
         self.shared.qbuf[par, li, batch.lo:batch.hi, :, self.cfg.window - nq:] = q[:, :, -nq:]
         self._posted[0, li] += 1
-        self._asked[0, batch.lo:batch.hi, li] = batch.lengths.numpy() + 1
+        self._asked[0, batch.lo:batch.hi, li] = self._tags(batch.lo, batch.hi, batch.lengths.numpy() + 1)
         self._post(TEMPORAL, li, batch.lo, batch.hi, nq, par, batch.lengths.numpy())
 
     def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
@@ -196,7 +205,7 @@ class AsyncSelector:
             return self.fallback.on_xlayer(layer, q_x, batch)
         self.shared.xbuf[par, li, batch.lo:batch.hi] = q_x
         self._posted[1, li] += 1
-        self._asked[1, batch.lo:batch.hi, li] = batch.lengths.numpy()
+        self._asked[1, batch.lo:batch.hi, li] = self._tags(batch.lo, batch.hi, batch.lengths.numpy())
         self._post(XLAYER, li, batch.lo, batch.hi, 1, par, batch.lengths.numpy())
 
     # ------------------------------------------------------------------ picking up results
@@ -210,18 +219,20 @@ class AsyncSelector:
         lengths = batch.lengths.numpy()
         need = lengths > self.cfg.budget                  # rows that attend sparsely this step
         rows = slice(batch.lo, batch.hi)
-        if not np.all(self._asked[int(self.xlayer), rows, li][need] == lengths[need]):
+        tags = self._tags(batch.lo, batch.hi, lengths)[need]
+        if not np.all(self._asked[int(self.xlayer), rows, li][need] == tags):
             return self._fallback_get(layer, batch, q_now)        # nothing was scheduled for this step
         self.steps += 1
-        if not np.all(done[rows, li][need] == lengths[need]):
+        if not np.all(done[rows, li][need] == tags):
             self.late += 1
             t0 = time.perf_counter()
-            reuse = self.on_late == "reuse" and np.all(done[rows, li][need] >= lengths[need] - 1)
+            # reuse: the previous step's set of the same occupant (tags are ordered within a serial)
+            reuse = self.on_late == "reuse" and np.all(done[rows, li][need] >= tags - 1)
             if reuse:
                 par = (lengths - 1) % 2
                 self.wait_s += time.perf_counter() - t0
                 return self._pick(src, par, batch, li)
-            while not np.all(done[rows, li][need] == lengths[need]):
+            while not np.all(done[rows, li][need] == tags):
                 if not self._block("selection"):
                     self.wait_s += time.perf_counter() - t0
                     return self._fallback_get(layer, batch, q_now)

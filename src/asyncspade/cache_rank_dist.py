@@ -123,6 +123,7 @@ class _CacheRank:
         if self.temporal:
             self.windows = QueryWindows(wire.slots, num_sparse, wire.heads, cfg.window, wire.head_dim)
             self.ahead = torch.zeros(wire.slots, num_sparse, wire.kv_heads, self.width, dtype=torch.int64)
+            self.ahead_len = torch.full((wire.slots, num_sparse), -1, dtype=torch.int64)
         self.out = wire.result()
 
     def recv(self, buf: torch.Tensor, tag: int) -> torch.Tensor:
@@ -162,6 +163,7 @@ class _CacheRank:
             if kind == RESET:
                 if self.temporal:
                     self.windows.reset(lo, hi)
+                    self.ahead_len[lo:hi] = -1
                 continue
             if kind == KEYS:                                   # lo = slot, hi = first position, nq = rows
                 self.add_keys(li, lo, hi, self.recv(chunk, T_KCHUNK)[:, :nq])
@@ -185,11 +187,14 @@ class _CacheRank:
                 idx, _ = temporal_pass(cfg, self.windows, li, keys, lo, hi, lengths, q, self.scale, self.width,
                                        self.store.pages(li, lo, hi))
                 self.ahead[lo:hi, li] = idx
+                self.ahead_len[lo:hi, li] = lengths + 1
                 if not self.xlayer:                            # hybrid: the candidates stay here
                     self.reply(li, lo, hi, serial, lengths + 1, idx)
             else:                                              # as SyncSelector.on_xlayer
-                cand = self.ahead[lo:hi, li] if self.temporal else None
-                self.reply(li, lo, hi, serial, lengths, xlayer_pass(cfg, q, keys, lengths, self.scale, cand))
+                cand = cand_ok = None
+                if self.temporal:
+                    cand, cand_ok = self.ahead[lo:hi, li], self.ahead_len[lo:hi, li] == lengths
+                self.reply(li, lo, hi, serial, lengths, xlayer_pass(cfg, q, keys, lengths, self.scale, cand, cand_ok))
 
 
 def _worker_main(backend: str, path: str, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int,
@@ -256,7 +261,6 @@ class DistSelector:
         self.steps = 0            # selections handed to the decode loop
         self.late = 0             # of which were not ready in time
         self.wait_s = 0.0         # total time the decode loop blocked on the worker
-        self.forecast: dict[int, torch.Tensor] = {}          # the forecasts live on the cache rank
 
         self.rendezvous = tempfile.mkdtemp(prefix="asyncspade-rdzv-")    # fresh: a stale file breaks the init
         self._remove_rendezvous = weakref.finalize(self, shutil.rmtree, self.rendezvous, True)   # even unclosed

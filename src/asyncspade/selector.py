@@ -29,14 +29,16 @@ class SyncSelector:
         if self.temporal:
             self.windows = QueryWindows(s, n, num_heads, cfg.window, store.head_dim)
             self.ahead = torch.zeros(s, n, kvh, self.width, dtype=torch.int64)
+            self.ahead_len = torch.full((s, n), -1, dtype=torch.int64)     # cache length each was made for
         if self.xlayer:
             self.chosen = torch.zeros(s, n, kvh, cfg.k_mid, dtype=torch.int64)
-        self.forecast: dict[int, torch.Tensor] = {}   # layer -> the query [B, H, D] its latest selection used
+        self.forecast_q = torch.zeros(n, s, num_heads, store.head_dim)  # the query each latest selection used
 
     def reset(self, lo: int, hi: int) -> None:
         """A new sequence takes slots ``[lo, hi)``: forget the previous occupant's queries."""
         if self.temporal:
             self.windows.reset(lo, hi)
+            self.ahead_len[lo:hi] = -1
 
     def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
         """Layer ``layer`` produced its real queries ``[B, H, L, D]``: select for the next step."""
@@ -48,22 +50,31 @@ class SyncSelector:
         idx, q_hat = temporal_pass(self.cfg, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
                                    self.scale, self.width, self.store.pages(layer, batch.lo, batch.hi))
         self.ahead[batch.lo:batch.hi, li] = idx
+        self.ahead_len[batch.lo:batch.hi, li] = batch.lengths + 1
         if not self.xlayer:
-            self.forecast[layer] = q_hat
+            self.forecast_q[li, batch.lo:batch.hi] = q_hat
 
     def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
         """The cross-layer forecast of ``layer``'s query for the current step is known: select for it."""
         li = self.li[layer]
-        cand = self.ahead[batch.lo:batch.hi, li] if self.temporal else None
+        cand = cand_ok = None
+        if self.temporal:
+            cand = self.ahead[batch.lo:batch.hi, li]
+            cand_ok = self.ahead_len[batch.lo:batch.hi, li] == batch.lengths
         keys = self.store.k[layer, batch.lo:batch.hi]
-        self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.cfg, q_x, keys, batch.lengths, self.scale, cand)
-        self.forecast[layer] = q_x
+        self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.cfg, q_x, keys, batch.lengths, self.scale, cand,
+                                                         cand_ok)
+        self.forecast_q[li, batch.lo:batch.hi] = q_x
 
     def get(self, layer: int, batch: Batch, q_now: torch.Tensor | None = None) -> torch.Tensor:
         """The selection for ``layer`` at the current step, ``[B, KVH, k]`` (``q_now`` is not used: it only exists
         for the asynchronous selector's fault path)."""
         src = self.chosen if self.xlayer else self.ahead
         return src[batch.lo:batch.hi, self.li[layer]]
+
+    def forecast(self, layer: int, batch: Batch) -> torch.Tensor:
+        """The query ``[B, H, D]`` that chose ``layer``'s current selection for the batch's rows (diagnostics)."""
+        return self.forecast_q[self.li[layer], batch.lo:batch.hi]
 
     late_rate = 0.0
     wait_s = 0.0

@@ -159,10 +159,10 @@ class Probe:
             if sel.valid is not None:
                 hit &= sel.valid
             self.meter.add("overlap", hit.sum(-1).float().mean(1)[rows] / cfg.k_mid)
-        # the query that chose this selection; a ridge forecast made for another slot range (a sequence joined or
-        # left since) has another shape and is skipped
-        q_hat = getattr(self.rt.selector, "forecast", {}).get(layer)
-        if q_hat is not None and q_hat.shape == q.shape:
+        # the query that chose this selection (the in-process selector keeps it per slot)
+        forecast = getattr(self.rt.selector, "forecast", None)
+        if forecast is not None:
+            q_hat = forecast(layer, batch)
             self.meter.add("cosine", F.cosine_similarity(q_hat.float(), q.float(), dim=-1).mean(1)[rows])
 
 

@@ -65,14 +65,22 @@ def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch
 
 
 def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
-                cand: torch.Tensor | None) -> torch.Tensor:
+                cand: torch.Tensor | None, cand_ok: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k for the current step (cache of ``lengths`` tokens) with the cross-layer query ``q_x [B, H, D]``, over
-    every candidate key, or only among the step-ahead candidates ``cand [B, KVH, M]``."""
+    every candidate key, or only among the step-ahead candidates ``cand [B, KVH, M]``.
+
+    ``cand_ok [B]`` marks the rows whose candidates were made for this step; the others (a sequence adopted from a
+    filled cache has had no step-ahead pass yet) score every key."""
     hi = lengths - cfg.recent
-    if cand is None:
+    if cand is None or (cand_ok is not None and not bool(cand_ok.any())):
         return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
     valid = (cand >= cfg.sink) & (cand < hi.view(-1, 1, 1))
-    return topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=valid)
+    idx = topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=valid)
+    if cand_ok is not None and not bool(cand_ok.all()):
+        stale = (~cand_ok).nonzero().flatten()
+        idx[stale] = topk_tokens(q_x[stale], keys[stale], cfg.sink, hi[stale], cfg.k_mid, scale, cfg.aggregate,
+                                 min_width=cfg.k_mid)
+    return idx
 
 
 class AsyncSpade(SelectionMethod):
