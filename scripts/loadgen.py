@@ -7,8 +7,8 @@ With ``--methods`` it starts one server per method itself (loopback, a free port
         --concurrency 1,4,8 --out results/loadgen.json
 
 Without ``--methods`` it loads an already running server (``--port``). Loopback hosts only: it is a benchmark, not a
-stress tool for other machines. Prompts are distinct windows of real text (``--source``) sized to about
-``--prompt-tokens`` tokens with the server's own tokenizer (one calibration request reads ``usage.prompt_tokens``).
+stress tool for other machines. Prompts are distinct windows of real text (``--source``) of exactly
+``--prompt-tokens`` tokens, cut with the served model's tokenizer (``--model``) and sent as token ids.
 Every request sets ``ignore_eos`` so each decodes exactly ``--max-tokens`` tokens.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ import time
 import httpx
 from tqdm import tqdm
 
+from asyncspade.data import PROSE, TRACES, trace_texts
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data"
 MAX_REQUESTS = 1000
 
 
@@ -58,16 +59,12 @@ def loopback(host: str) -> bool:
 
 
 def source_text(source: str) -> str:
-    if source == "shakespeare":
-        path = DATA / "tinyshakespeare.txt"
-    else:
-        path = DATA / "reasoning_traces.jsonl"
+    path = ROOT / (PROSE if source == "shakespeare" else TRACES)
     if not path.exists():
         fail(f"data file not found: {path}")
     if source == "shakespeare":
         return path.read_text()
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return "\n\n".join(r["prompt"] + r["output"] for r in records)
+    return "\n\n".join(prompt + output for prompt, output in trace_texts(path))
 
 
 def free_port() -> int:
@@ -115,22 +112,20 @@ class ServerProcess:
             os.unlink(self.log.name)
 
 
-def calibrate(url: str, headers: dict, text: str) -> float:
-    """Characters per token of ``text`` under the server's tokenizer."""
-    sample = text[:4000]
-    r = httpx.post(url + "/v1/completions", headers=headers, timeout=120,
-                   json={"prompt": sample, "max_tokens": 1, "temperature": 0})
-    if r.status_code != 200:
-        fail(f"calibration request failed: {r.status_code} {r.text[:200]}")
-    return len(sample) / r.json()["usage"]["prompt_tokens"]
+def tokenize_source(model: str | None, text: str) -> list[int]:
+    """The source text as token ids of the served model's tokenizer (prompts are then sent as token ids, so every
+    request has exactly ``--prompt-tokens`` tokens)."""
+    from asyncspade.models import load_model
+    _, tok = load_model(model)
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def prompts(text: str, chars: int, n: int) -> list[str]:
-    """``n`` distinct windows of ``chars`` characters, spread over ``text``."""
-    if chars >= len(text):
-        fail(f"the source text has {len(text)} characters, fewer than one prompt needs ({chars})")
-    span = len(text) - chars
-    return [text[i * span // max(n, 1):][:chars] for i in range(n)]
+def prompts(ids: list[int], n_tokens: int, n: int) -> list[list[int]]:
+    """``n`` distinct windows of ``n_tokens`` token ids, spread over the source."""
+    if n_tokens >= len(ids):
+        fail(f"the source text has {len(ids)} tokens, fewer than one prompt needs ({n_tokens})")
+    span = len(ids) - n_tokens
+    return [ids[i * span // max(n, 1):][:n_tokens] for i in range(n)]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, prompt: str, max_tokens: int) -> dict:
@@ -178,7 +173,7 @@ def late_rate(url: str, headers: dict) -> dict[str, float]:
     return out
 
 
-async def run_level(url: str, headers: dict, texts: list[str], concurrency: int, max_tokens: int,
+async def run_level(url: str, headers: dict, texts: list[list[int]], concurrency: int, max_tokens: int,
                     deadline: float, request_timeout: float) -> dict:
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(texts), desc=f"concurrency {concurrency}", file=sys.stderr, leave=False)
@@ -213,19 +208,18 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else v * 1000
 
 
-def measure(args, url: str, label: str, text: str, deadline: float) -> list[dict]:
+def measure(args, url: str, label: str, ids: list[int], deadline: float) -> list[dict]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # warm-up (excluded): first forward passes, lazy allocations
     httpx.post(url + "/v1/completions", headers=headers, timeout=args.request_timeout,
                json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True})
-    chars = int(args.prompt_tokens * calibrate(url, headers, text))
     rows = []
     for c in args.concurrency:
         if time.monotonic() >= deadline:
             print(f"[loadgen] --max-time reached; skipping {label} concurrency {c}", file=sys.stderr)
             continue
-        n = args.requests or 2 * c
-        row = asyncio.run(run_level(url, headers, prompts(text, chars, n), c, args.max_tokens, deadline,
+        n = args.requests or max(2, c)
+        row = asyncio.run(run_level(url, headers, prompts(ids, args.prompt_tokens, n), c, args.max_tokens, deadline,
                                     args.request_timeout))
         row.update(method=label, late_rate=late_rate(url, headers))
         rows.append(row)
@@ -251,14 +245,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="start one server per method and compare them, e.g. "
                    "full,asyncspade (default: load the running server at --host/--port)")
     p.add_argument("--budget", type=int, default=1024, help="sparse budget of the started servers (default 1024)")
-    p.add_argument("--model", default=None, help="--model of the started servers (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="--model of the started servers, and the tokenizer prompts are cut with (default: bundled SmolLM2)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="--dtype of the started servers")
     p.add_argument("--server-args", default="", help="more flags for the started servers, e.g. '--predictor ridge'")
     p.add_argument("--host", default="127.0.0.1", help="server host, loopback only (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port of an already running server (default 8000)")
     p.add_argument("--api-key", default=None, help="bearer token of an already running server")
     p.add_argument("--concurrency", default="1,4,8", help="concurrency levels (default 1,4,8)")
-    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: the concurrency, at least 2)")
     p.add_argument("--prompt-tokens", type=int, default=6000, help="prompt length in tokens (default 6000)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per request (default 256)")
     p.add_argument("--source", default="shakespeare", choices=["shakespeare", "traces"],
@@ -275,7 +269,7 @@ def main(argv=None) -> int:
         fail(f"--requests must be within 0..{MAX_REQUESTS}")
     if args.prompt_tokens < 1 or args.max_tokens < 2 or args.max_time <= 0:
         fail("--prompt-tokens must be >= 1, --max-tokens >= 2 and --max-time > 0")
-    text = source_text(args.source)
+    ids = tokenize_source(args.model, source_text(args.source))
     deadline = time.monotonic() + args.max_time
     rows = []
     print(HEADER, flush=True)
@@ -285,11 +279,11 @@ def main(argv=None) -> int:
             url = f"http://127.0.0.1:{server.port}"
             try:
                 server.wait_ready(url, args.start_timeout)
-                rows += measure(args, url, method, text, deadline)
+                rows += measure(args, url, method, ids, deadline)
             finally:
                 server.stop(keep_log=sys.exc_info()[0] is not None or any(r["failures"] for r in rows))
     else:
-        rows = measure(args, f"http://{args.host}:{args.port}", "server", text, deadline)
+        rows = measure(args, f"http://{args.host}:{args.port}", "server", ids, deadline)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = {k: v for k, v in vars(args).items() if k != "api_key"}

@@ -21,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 from .cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
+from .data import PROSE
 from .engine import Engine
 from .kvcache import KVStore
 from .sampling import SamplingParams
 
 AHEAD = ("lastq", "asyncspade")
-PROSE = os.path.join("..", "shared", "data", "tinyshakespeare.txt")
 
 
 def add_arguments(p) -> None:

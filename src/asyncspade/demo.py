@@ -7,7 +7,6 @@ ratio, and whether the texts agree.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,19 +14,17 @@ import time
 import torch
 
 from .config import SparseConfig
+from .data import PROSE, TRACES, trace_texts
 from .engine import Engine
 from .models import load_model
 from .sampling import SamplingParams
 
-TRACES = os.path.join("..", "shared", "data", "reasoning_traces.jsonl")
-PROSE = os.path.join("..", "shared", "data", "tinyshakespeare.txt")
 
 
 def long_context(tok, n_tokens: int) -> tuple[list[int], str]:
     if os.path.exists(TRACES):
-        with open(TRACES) as f:
-            rec = max((json.loads(line) for line in f), key=lambda r: len(r["output"]))
-        ids = tok(rec["prompt"] + rec["output"], add_special_tokens=False)["input_ids"]
+        prompt, output = max(trace_texts(TRACES), key=lambda r: len(r[1]))
+        ids = tok(prompt + output, add_special_tokens=False)["input_ids"]
         return ids[:n_tokens], "a real DeepSeek-R1-Distill reasoning trace (../shared/data/reasoning_traces.jsonl)"
     if os.path.exists(PROSE):
         with open(PROSE) as f:

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from ..attention import compose
 from ..cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
 from ..config import PREDICTORS, RIDGE_KINDS, SparseConfig
+from ..data import TRACES, trace_texts
 from ..engine import Engine
 from ..models import encode_prompt
 from ..sampling import SamplingParams
 from ..scoring import topk_tokens
 
-DEFAULT_DATA = "../shared/data/reasoning_traces.jsonl"
+DEFAULT_DATA = TRACES
 TEXT_MAX_TOKENS, TEXT_PREFILL, TEXT_WINDOWS = 4096, 1024, 4
 REF = "full (reference)"
 
@@ -67,22 +68,18 @@ def read_windows(path: str | Path, tokenizer, context: int, *, chat: bool = Fals
 
 def _trace_windows(path, tokenizer, max_tokens, chat, limit, prefill) -> list[Window]:
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                prompt, output = rec["prompt"], rec["output"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{line_no}: expected a JSON object with 'prompt' and 'output'") from None
-            p = encode_prompt(tokenizer, prompt, chat=chat)
-            ids = (p + tokenizer(output, add_special_tokens=False)["input_ids"])[:max_tokens]
-            n_pre = len(p) if prefill is None else prefill
-            if n_pre < len(ids) - 1:            # at least two decoded tokens (one with a true next token)
-                out.append(Window(ids, n_pre))
+    try:
+        traces = trace_texts(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for prompt, output in traces:
+        if limit is not None and len(out) >= limit:
+            break
+        p = encode_prompt(tokenizer, prompt, chat=chat)
+        ids = (p + tokenizer(output, add_special_tokens=False)["input_ids"])[:max_tokens]
+        n_pre = len(p) if prefill is None else prefill
+        if n_pre < len(ids) - 1:            # at least two decoded tokens (one with a true next token)
+            out.append(Window(ids, n_pre))
     if not out:
         raise UserError(f"{path}: no trace longer than its prefill (+2 tokens) within --max-tokens {max_tokens}")
     return out

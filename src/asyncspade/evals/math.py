@@ -21,12 +21,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..cli import UserError, add_model_args, add_sparse_args, load, methods_from_args, sparse_from_args
+from ..data import shared
 from ..engine import Engine
 from ..models import encode_prompt
 from ..sampling import SamplingParams
 from .math_data import build_messages, extract_answer, is_correct, load_problems, majority_vote
 
-DEFAULT_DATA = "../shared/data/gsm8k_test.jsonl"
+DEFAULT_DATA = shared("gsm8k_test.jsonl")
 TIMING = ("wall_s", "tpot_s")     # per-run measurements: they differ between runs, everything else must not
 
 

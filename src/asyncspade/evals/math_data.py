@@ -19,13 +19,14 @@ disables it elsewhere (it never raises either way).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from ..data import iter_jsonl
 
 __all__ = [
     "Problem",
@@ -106,17 +107,10 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     path = Path(path)
     source = path.stem
     out: list[Problem] = []
-    with path.open(encoding="utf-8") as fh:
-        for index, line in enumerate(fh):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {index + 1} is not valid JSON: {exc}") from exc
-            out.append(_record_to_problem(rec, index, source, path))
+    for line_no, rec in iter_jsonl(path):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(_record_to_problem(rec, line_no - 1, source, path))
     return out
 
 

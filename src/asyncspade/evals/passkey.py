@@ -24,12 +24,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
+from ..data import PROSE
 from ..engine import Engine
 from ..sampling import SamplingParams
 from .passkey_data import QUESTION, check_passkey, make_passkey_prompt, random_key
 from .report import ctx_label
 
-DEFAULT_HAYSTACK = "../shared/data/tinyshakespeare.txt"
+DEFAULT_HAYSTACK = PROSE
 CHAT_QUESTION = "\nWhat is the pass key?"
 
 
