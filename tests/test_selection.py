@@ -215,3 +215,29 @@ def test_page_prefilter_candidates_are_the_best_pages():
     for kh in range(kvh):
         assert {int(t) // ps for t in cand[0, kh]} == ref[kh]
         assert sorted(cand[0, kh].tolist()) == sorted(p * ps + j for p in ref[kh] for j in range(ps))
+
+
+@pytest.mark.parametrize("predictor", ["ridge", "hybrid"])
+def test_page_prefilter_on_a_store_smaller_than_the_superset(predictor):
+    """The superset (superset * k) exceeds the store and the store is not a whole number of pages: the step-ahead
+    pass still returns `width` in-range positions, and the refinement picks valid ones only."""
+    from asyncspade.kvcache import Batch
+    from asyncspade.selector import SyncSelector
+    T, n = 101, 90
+    store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(0)))
+    for s in range(2):
+        store.rebuild_pages(0, s, 0, n)
+    cfg = SparseConfig(method="asyncspade", budget=32, sink=4, recent=4, dense_layers=0, predictor=predictor,
+                       superset=5, page_size=8, prefilter="pages")
+    sel = SyncSelector(cfg, store, 4, [0], 1.0)
+    sel.on_query(0, torch.randn(2, 4, 1, 8), Batch(0, 2, torch.tensor([n - 1, n - 1]), 1))
+    ahead = sel.ahead[:, 0]
+    assert ahead.shape[-1] == sel.width and int(ahead.max()) < T
+    step = Batch(0, 2, torch.tensor([n, n]), 1)                       # the next step: n + 1 tokens
+    if predictor == "hybrid":
+        sel.on_xlayer(0, torch.randn(2, 4, 8), step)
+    got = sel.get(0, step)
+    assert got.shape == (2, 2, cfg.k_mid)
+    assert bool(((got >= cfg.sink) & (got < n + 1 - cfg.recent)).all())
+    assert all(len(set(row.tolist())) == cfg.k_mid for row in got.flatten(0, 1))    # no position twice

@@ -23,10 +23,11 @@ from .base import Selection, SelectionMethod
 
 def ahead_width(cfg: SparseConfig, max_tokens: int) -> int:
     """Entries the step-ahead pass keeps per (slot, layer, KV head)."""
-    m = cfg.superset * cfg.k_mid if cfg.predictor == "hybrid" else cfg.k_mid
-    if cfg.prefilter == "pages" and cfg.predictor == "hybrid":
-        m -= m % cfg.page_size                                 # whole pages
-    return min(m, max_tokens - cfg.sink)
+    hybrid = cfg.predictor == "hybrid"
+    m = min(cfg.superset * cfg.k_mid if hybrid else cfg.k_mid, max_tokens - cfg.sink)
+    if cfg.prefilter == "pages" and hybrid:
+        m = max(cfg.page_size, m - m % cfg.page_size)          # whole pages
+    return m
 
 
 def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
@@ -56,8 +57,11 @@ def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch
     q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
     hi_next = lengths + 1 - cfg.recent
     if cfg.prefilter == "pages":
-        cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, max(width, cfg.superset * cfg.k_mid), scale)
-        if cand.shape[-1] == width:                            # hybrid: the pages are the superset
+        hybrid = cfg.predictor == "hybrid"
+        n_tokens = width if hybrid else max(width, cfg.superset * cfg.k_mid)
+        # the last page may reach past the store's end: clamp (such positions are >= hi, masked downstream)
+        cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, n_tokens, scale).clamp(max=keys.shape[2] - 1)
+        if hybrid:                                             # the pages are the superset
             return cand, q_hat
         valid = (cand >= cfg.sink) & (cand < hi_next.view(-1, 1, 1))
         return topk_among(q_hat, keys, cand, width, scale, cfg.aggregate, valid=valid), q_hat
