@@ -58,6 +58,23 @@ def test_more_requests_than_slots(tiny_llama):
     assert all(s.finish_reason == "length" for s in seqs)
 
 
+def test_queued_prefills_are_spread_over_steps(tiny_llama):
+    """A queue of long prompts is admitted a prefill budget at a time: running sequences keep decoding between
+    the prefills, and the outputs are those of each prompt alone."""
+    model, tok = tiny_llama
+    ps = prompts([120, 120, 120], seed=3)
+    eng = Engine(model, tok, SparseConfig(), max_batch=4, max_tokens=256, prefill_budget=200)
+    seqs = [eng.add(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in ps]
+    eng.step()
+    assert len(eng.waiting) == 2 and len(seqs[0].output_ids) == 2        # first token + one decode step
+    eng.step()
+    assert len(eng.waiting) == 1 and len(seqs[0].output_ids) == 3        # decoded while the 2nd was admitted
+    eng.run(seqs)
+    eng.close()
+    alone = [engine_greedy(model, tok, [p], 6, max_batch=1)[0] for p in ps]
+    assert [s.output_ids for s in seqs] == alone
+
+
 def test_kv_store_matches_hf_cache(tiny):
     model, tok = tiny
     ids = prompts([11])[0]

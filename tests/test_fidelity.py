@@ -64,7 +64,7 @@ def test_trace_windows_prefill_the_prompt(tmp_path, tiny_llama):
     capped = read_windows(path, tok, 4096, max_tokens=30, prefill=10)
     assert [len(w.ids) for w in capped] == [30, 30, 30] and capped[0].ids == ws[0].ids[:30]
     path.write_text('{"prompt": "no output"}\n')
-    with pytest.raises(cli.UserError, match=":1:"):
+    with pytest.raises(cli.UserError, match="line 1"):
         read_windows(path, tok, 4096)
 
 

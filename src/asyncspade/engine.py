@@ -68,13 +68,15 @@ class Event:
 class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
-                 on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True):
+                 on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True,
+                 prefill_budget: int = 2048):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
         self.max_batch = max_batch
         self.max_tokens = max_tokens or self.config.max_position_embeddings
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
         if transpose_weights:
             transpose_fp32_linears(model)          # fp32 only; a no-op for bf16 and when already done
         self._prev_attn = model.config._attn_implementation
@@ -166,14 +168,21 @@ class Engine:
     # ---------------------------------------------------------------- the loop
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit waiting sequences (prefill + first token), then one decode step for all running ones."""
+        """Admit waiting sequences (prefill + first token), then one decode step for all running ones.
+
+        Admission stops once this step has prefilled ``prefill_budget`` tokens (at least one sequence is always
+        admitted): a queue of long prompts is spread over several steps, so running sequences keep decoding
+        between them and a step (hence an abort, or a shutdown) never waits for the whole queue's prefill."""
         self._apply_aborts()
-        events = []
+        events, prefilled = [], 0
         while True:
             with self._lock:
                 if not self.waiting or None not in self.slots:
                     break
+                if prefilled and prefilled + self.waiting[0].prefill_len > self.prefill_budget:
+                    break
                 seq = self.waiting.pop(0)
+            prefilled += seq.prefill_len
             events.append(self._prefill(seq))
         running = [s for s in self.slots if s is not None and not s.finished]
         if running:
