@@ -27,3 +27,15 @@ def tiny(request):
 def tiny_llama():
     model, tok = tiny_model("llama")
     return lively(model), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint directory (lively weights, the bundled tokenizer and its chat template), for
+    tests that go through ``--model DIR`` like a user."""
+    model, tok = tiny_model("llama", seed=3)
+    lively(model)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -14,7 +14,7 @@ from asyncspade import cli
 from asyncspade import generate as gen
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
-from asyncspade.models import encode_prompt, load_model, tiny_model
+from asyncspade.models import encode_prompt, load_model
 from asyncspade.sampling import SamplingParams
 
 KEYS = {"text", "tokens", "ttft_s", "tpot_s", "method", "prompt_tokens", "finish_reason"}
@@ -28,21 +28,6 @@ def one_thread():
     torch.set_num_threads(1)        # tiny model on a shared 2-core machine: a second thread only spins
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama checkpoint directory (with the bundled tokenizer and its chat template)."""
-    model, tok = tiny_model("llama", seed=3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():          # larger weights: varied tokens instead of one repeated token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15, generator=g)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def main(capsys, *argv) -> tuple[int, str, str]:

@@ -5,13 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from asyncspade import cli
 from asyncspade.evals import math as math_eval
 from asyncspade.evals import passkey as passkey_eval
 from asyncspade.evals.report import kind_of
-from asyncspade.models import bundled_tokenizer, tiny_model
+from asyncspade.models import bundled_tokenizer
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SPARSE = ["--budget", "48", "--sink", "4", "--recent", "8", "--page-size", "8", "--dense-layers", "1"]
@@ -22,21 +21,6 @@ def _data(name: str) -> Path:
     if not p.exists():
         pytest.skip(f"data file {p} not present")
     return p
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama checkpoint directory with the bundled tokenizer (and its chat template)."""
-    model, tok = tiny_model("llama", seed=5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():          # larger weights: varied tokens instead of one repeated token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15, generator=g)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def main(capsys, *argv) -> tuple[int, str, str]:
