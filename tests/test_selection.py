@@ -241,3 +241,27 @@ def test_page_prefilter_on_a_store_smaller_than_the_superset(predictor):
     assert got.shape == (2, 2, cfg.k_mid)
     assert bool(((got >= cfg.sink) & (got < n + 1 - cfg.recent)).all())
     assert all(len(set(row.tolist())) == cfg.k_mid for row in got.flatten(0, 1))    # no position twice
+
+
+@pytest.mark.parametrize("prefilter", ["none", "pages"])
+def test_hybrid_with_a_superset_covering_the_cache_is_exact_topk(prefilter):
+    """When superset * k covers every candidate position the step-ahead pass ranks nothing, and the cross-layer
+    pass must still return the exact top-k of the cross-layer query over all candidates."""
+    from asyncspade.kvcache import Batch
+    from asyncspade.selector import SyncSelector
+    T, n = 128, 70
+    store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(1)))
+    for s in range(2):
+        store.rebuild_pages(0, s, 0, n + 1)
+    cfg = SparseConfig(method="asyncspade", budget=24, sink=4, recent=4, dense_layers=0, predictor="hybrid",
+                       superset=4, page_size=8, prefilter=prefilter)                  # 4 * 16 = 64 >= 70 + 1 - 8
+    sel = SyncSelector(cfg, store, 4, [0], 1.0)
+    sel.on_query(0, torch.randn(2, 4, 1, 8), Batch(0, 2, torch.tensor([n - 1, n - 1]), 1))
+    step = Batch(0, 2, torch.tensor([n, n]), 1)
+    q_x = torch.randn(2, 4, 8)
+    sel.on_xlayer(0, q_x, step)
+    got = sel.get(0, step)
+    want = topk_tokens(q_x, store.k[0, 0:2], cfg.sink, step.lengths - cfg.recent, cfg.k_mid, 1.0)
+    for g_row, w_row in zip(got.flatten(0, 1), want.flatten(0, 1)):
+        assert set(g_row.tolist()) == set(w_row.tolist())
