@@ -245,7 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="start one server per method and compare them, e.g. "
                    "full,asyncspade (default: load the running server at --host/--port)")
     p.add_argument("--budget", type=int, default=1024, help="sparse budget of the started servers (default 1024)")
-    p.add_argument("--model", default=None, help="--model of the started servers, and the tokenizer prompts are cut with (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="--model of the started servers, and the tokenizer prompts are cut "
+                   "with (default: bundled SmolLM2)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="--dtype of the started servers")
     p.add_argument("--server-args", default="", help="more flags for the started servers, e.g. '--predictor ridge'")
     p.add_argument("--host", default="127.0.0.1", help="server host, loopback only (default 127.0.0.1)")

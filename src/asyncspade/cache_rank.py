@@ -14,8 +14,8 @@ Protocol, per sparse layer l:
 - results are double-buffered by the parity of the target cache length, and ``done[slot, l]`` records the
   *tag* of the newest published result — the slot's occupancy serial and the target length, ``serial << 32 |
   length`` — so the decode loop knows without a round trip whether the selection it needs is ready, and a late
-  result made for a slot's previous occupant can never be taken for the new one's. If not: ``on_late="wait"`` blocks on the done semaphore, ``"reuse"`` takes the
-  previous step's set.
+  result made for a slot's previous occupant can never be taken for the new one's. If not ready:
+  ``on_late="wait"`` blocks on the done semaphore, ``"reuse"`` takes the previous step's set.
 
 The worker runs exactly the functions :class:`~asyncspade.selector.SyncSelector` runs, on the same data, so with
 ``on_late="wait"`` it selects the same tokens; only *when* they run differs.
@@ -50,7 +50,7 @@ class SharedState:
         self.xbuf = torch.zeros(2, num_sparse, s, num_heads, d)                   # cross-layer forecasts
         self.ahead = torch.zeros(2, s, num_sparse, kvh, self.width, dtype=torch.int64)
         self.chosen = torch.zeros(2, s, num_sparse, kvh, cfg.k_mid, dtype=torch.int64)
-        self.done_t = torch.full((s, num_sparse), -1, dtype=torch.int64)         # target length published
+        self.done_t = torch.full((s, num_sparse), -1, dtype=torch.int64)         # tag of the result published
         self.done_x = torch.full((s, num_sparse), -1, dtype=torch.int64)
         self.jobs_done = torch.zeros(2, num_sparse, dtype=torch.int64)           # per kind (temporal, xlayer)
         self.ring = torch.zeros(8 * num_sparse + 8, HEADER + 2 * s, dtype=torch.int64)   # + lengths, tags
@@ -68,7 +68,7 @@ def _worker_main(cfg, store, shared, sparse_layers, scale, job_sem, done_sem, pa
     windows = QueryWindows(store.slots, len(sparse_layers), shared.qbuf.shape[3], cfg.window, store.head_dim)
     ring = shared.ring.numpy()
     done_t, done_x, jobs_done = shared.done_t.numpy(), shared.done_x.numpy(), shared.jobs_done.numpy()
-    tail = 0
+    tail, s = 0, store.slots
     done_sem.release()                                    # ready
     with torch.inference_mode():
         while True:
@@ -79,7 +79,6 @@ def _worker_main(cfg, store, shared, sparse_layers, scale, job_sem, done_sem, pa
             rec = ring[tail % len(ring)].copy()
             tail += 1
             kind, li, lo, hi, nq, par = (int(x) for x in rec[:HEADER])
-            s = store.slots
             lengths = torch.from_numpy(rec[HEADER + lo:HEADER + hi].copy())
             tags = rec[HEADER + s + lo:HEADER + s + hi]                 # serial << 32 | length, per row
             if kind == STOP:

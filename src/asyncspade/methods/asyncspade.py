@@ -56,12 +56,12 @@ def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch
     w, count = windows.get(li, lo, hi)
     q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
     hi_next = lengths + 1 - cfg.recent
-    if cfg.predictor == "hybrid" and width >= int(hi_next.max()) - cfg.sink:
+    hybrid = cfg.predictor == "hybrid"
+    if hybrid and width >= int(hi_next.max()) - cfg.sink:
         # the superset holds every candidate position: nothing to rank (the cross-layer pass masks those >= hi)
         pos = torch.arange(cfg.sink, cfg.sink + width).clamp(max=keys.shape[2] - 1)
         return pos.expand(keys.shape[0], keys.shape[1], width).clone(), q_hat
     if cfg.prefilter == "pages":
-        hybrid = cfg.predictor == "hybrid"
         n_tokens = width if hybrid else max(width, cfg.superset * cfg.k_mid)
         # the last page may reach past the store's end: clamp (such positions are >= hi, masked downstream)
         cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, n_tokens, scale).clamp(max=keys.shape[2] - 1)
