@@ -44,8 +44,7 @@ import torch.multiprocessing as mp
 
 from .config import SparseConfig
 from .kvcache import Batch, KVStore
-from .methods.asyncspade import ahead_width, temporal_pass, xlayer_pass
-from .predictor import QueryWindows
+from .methods.asyncspade import ahead_width
 from .scoring import topk_tokens
 from .selector import SyncSelector, in_process_fallback
 
@@ -109,21 +108,17 @@ class _PeerGone(Exception):
 
 
 class _CacheRank:
-    """The worker's state and loop: its own keys, windows and step-ahead results; jobs in, indices out."""
+    """The worker's loop: its own key copy, and a :class:`SyncSelector` over it that runs the very passes the
+    in-process selector runs (windows, step-ahead candidates, cross-layer refinement); jobs in, indices out."""
 
     def __init__(self, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int, track_pages: bool,
                  page_size: int, scale: float):
-        self.cfg, self.wire, self.scale = cfg, wire, scale
+        self.cfg, self.wire = cfg, wire
         # keys only: the values are never touched (calloc'd pages cost nothing until written)
         self.store = KVStore(num_sparse, wire.slots, wire.kv_heads, max_tokens, wire.head_dim, wire.dtype,
                              page_size, track_pages)
-        self.temporal = cfg.predictor in ("ridge", "hybrid")
-        self.xlayer = cfg.predictor in ("xlayer", "hybrid")
-        self.width = ahead_width(cfg, max_tokens)
-        if self.temporal:
-            self.windows = QueryWindows(wire.slots, num_sparse, wire.heads, cfg.window, wire.head_dim)
-            self.ahead = torch.zeros(wire.slots, num_sparse, wire.kv_heads, self.width, dtype=torch.int64)
-            self.ahead_len = torch.full((wire.slots, num_sparse), -1, dtype=torch.int64)
+        # the store holds only the sparse layers, so a sparse layer's index is its layer number here
+        self.selector = SyncSelector(cfg, self.store, wire.heads, list(range(num_sparse)), scale)
         self.out = wire.result()
 
     def recv(self, buf: torch.Tensor, tag: int) -> torch.Tensor:
@@ -161,9 +156,7 @@ class _CacheRank:
             if kind == STOP:
                 return self.reply(-1)
             if kind == RESET:
-                if self.temporal:
-                    self.windows.reset(lo, hi)
-                    self.ahead_len[lo:hi] = -1
+                self.selector.reset(lo, hi)
                 continue
             if kind == KEYS:                                   # lo = slot, hi = first position, nq = rows
                 self.add_keys(li, lo, hi, self.recv(chunk, T_KCHUNK)[:, :nq])
@@ -179,22 +172,16 @@ class _CacheRank:
                 for b, p in enumerate(kpos):
                     if p >= 0:
                         self.add_keys(li, lo + b, p, rows[lo + b, :, None])
-            keys = self.store.k[li, lo:hi]
-            if kind == TEMPORAL:                               # as SyncSelector.on_query
-                if int(lengths.max()) + 1 <= cfg.budget:
-                    self.windows.push(li, lo, hi, q)
-                    continue
-                idx, _ = temporal_pass(cfg, self.windows, li, keys, lo, hi, lengths, q, self.scale, self.width,
-                                       self.store.pages(li, lo, hi))
-                self.ahead[lo:hi, li] = idx
-                self.ahead_len[lo:hi, li] = lengths + 1
-                if not self.xlayer:                            # hybrid: the candidates stay here
-                    self.reply(li, lo, hi, serial, lengths + 1, idx)
-            else:                                              # as SyncSelector.on_xlayer
-                cand = cand_ok = None
-                if self.temporal:
-                    cand, cand_ok = self.ahead[lo:hi, li], self.ahead_len[lo:hi, li] == lengths
-                self.reply(li, lo, hi, serial, lengths, xlayer_pass(cfg, q, keys, lengths, self.scale, cand, cand_ok))
+            batch = Batch(lo, hi, lengths, 0)                  # the cache holds ``lengths`` tokens now
+            sel = self.selector
+            if kind == TEMPORAL:
+                sel.on_query(li, q, batch)
+                # a reply only when the pass ran (not while the next step is dense) and is the final selection
+                if not sel.xlayer and int(lengths.max()) + 1 > cfg.budget:
+                    self.reply(li, lo, hi, serial, lengths + 1, sel.ahead[lo:hi, li])
+            else:
+                sel.on_xlayer(li, q, batch)
+                self.reply(li, lo, hi, serial, lengths, sel.chosen[lo:hi, li])
 
 
 def _worker_main(backend: str, path: str, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int,
