@@ -1,9 +1,21 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(1)   # the suite shares 2 cores with worker processes: no OpenMP spinning
 
 from asyncspade.models import tiny_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A file of ``../shared/data``; the test is skipped (not failed) in a clone that is not next to it."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data file {path} not present")
+    return path
 
 
 def lively(model, std: float = 0.15, seed: int = 0):

@@ -4,6 +4,7 @@ import signal
 
 import pytest
 import torch
+from conftest import shared_data
 
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
@@ -61,9 +62,7 @@ def test_async_selects_like_sync(tiny_llama, method, predictor, prefilter):
 def test_async_selects_like_sync_on_bundled_model():
     from asyncspade.models import encode_prompt, load_model
     model, tok = load_model(None, torch.bfloat16)
-    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")).read()
-    if not text:
-        pytest.skip("shared data missing")
+    text = shared_data("tinyshakespeare.txt").read_text()
     prompt = encode_prompt(tok, "Summarise this scene:\n" + text[:2500], chat=True)
     cfg = SparseConfig(method="asyncspade", budget=256)
     sync, _ = generate(model, tok, cfg, [prompt], 24, "sync")

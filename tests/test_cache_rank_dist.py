@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import shared_data
 
 from asyncspade.cache_rank_dist import DistSelector
 from asyncspade.config import SparseConfig
@@ -106,10 +107,8 @@ def test_dist_selects_like_sync_on_bundled_model():
     """bf16 keys and queries on the wire, 28 sparse layers, a prompt of two KEYS chunks."""
     from asyncspade.models import encode_prompt, load_model
     model, tok = load_model(None, torch.bfloat16)
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
-    if not os.path.exists(path):
-        pytest.skip("shared data missing")
-    prompt = encode_prompt(tok, "Summarise this scene:\n" + open(path).read()[:1500], chat=True)
+    text = shared_data("tinyshakespeare.txt").read_text()
+    prompt = encode_prompt(tok, "Summarise this scene:\n" + text[:1500], chat=True)
     cfg = SparseConfig(method="asyncspade", budget=256)
     rounds = [[(prompt, 8)]]
     sync, _ = run(model, tok, cfg, rounds, max_tokens=1024)

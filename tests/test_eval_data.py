@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from asyncspade.evals.math_data import (
     Problem,
@@ -26,18 +27,8 @@ from asyncspade.evals.passkey_data import (
     random_key,
 )
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-
-
-def _data(name: str) -> Path:
-    p = DATA / name
-    if not p.exists():
-        pytest.skip(f"data file {p} not present")
-    return p
-
-
 def _records(name: str) -> list[dict]:
-    with _data(name).open(encoding="utf-8") as fh:
+    with shared_data(name).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
@@ -45,7 +36,7 @@ def _records(name: str) -> list[dict]:
 
 
 def test_load_gsm8k():
-    probs = load_problems(_data("gsm8k_test.jsonl"))
+    probs = load_problems(shared_data("gsm8k_test.jsonl"))
     assert len(probs) == 1319
     p = probs[0]
     assert isinstance(p, Problem)
@@ -63,17 +54,17 @@ def test_load_gsm8k_strips_commas(tmp_path):
 
 
 def test_load_math500_and_limit():
-    probs = load_problems(_data("math500_test.jsonl"), limit=5)
+    probs = load_problems(shared_data("math500_test.jsonl"), limit=5)
     assert len(probs) == 5
     assert probs[0].id == "test/precalculus/807.json"
     assert probs[0].answer == r"\left( 3, \frac{\pi}{2} \right)"
     assert probs[0].question.startswith("Convert the point")
-    assert len(load_problems(_data("math500_test.jsonl"))) == 500
+    assert len(load_problems(shared_data("math500_test.jsonl"))) == 500
 
 
 def test_load_aime():
-    a24 = load_problems(_data("aime24.jsonl"))
-    a25 = load_problems(_data("aime25.jsonl"))
+    a24 = load_problems(shared_data("aime24.jsonl"))
+    a25 = load_problems(shared_data("aime25.jsonl"))
     assert len(a24) == 30 and len(a25) == 30
     assert a24[0].id == "60" and a24[0].answer == "204"
     assert any(p.answer == "033" for p in a24)  # zero-padded kept verbatim
@@ -136,7 +127,7 @@ def test_extract_answer(text, expected):
 
 def test_gsm8k_gold_solutions_verify():
     recs = _records("gsm8k_test.jsonl")[:200]
-    probs = load_problems(_data("gsm8k_test.jsonl"), limit=200)
+    probs = load_problems(shared_data("gsm8k_test.jsonl"), limit=200)
     for rec, prob in zip(recs, probs):
         pred = extract_answer(rec["answer"])
         assert is_correct(pred, prob.answer), (prob.id, pred, prob.answer)
@@ -273,7 +264,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def haystack():
-    return _data("tinyshakespeare.txt").read_text(encoding="utf-8")
+    return shared_data("tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])

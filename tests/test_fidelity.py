@@ -1,10 +1,10 @@
 """``asyncspade eval fidelity``: window reading, the metrics, lockstep comparison with a dense reference, CLI."""
 import json
 import math
-import os
 
 import pytest
 import torch
+from conftest import shared_data
 
 from asyncspade import cli
 from asyncspade.config import SparseConfig
@@ -177,9 +177,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
 def test_bundled_model_on_a_real_trace():
     """The real model on the start of a real reasoning trace: the oracle beats the streaming baseline clearly."""
     from asyncspade.models import load_model
-    path = "../shared/data/reasoning_traces.jsonl"
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present")
+    path = shared_data("reasoning_traces.jsonl")
     model, tok = load_model(dtype=torch.float32)
     ws = read_windows(path, tok, model.config.max_position_embeddings, limit=1, max_tokens=300, prefill=200)
     cfgs = {m: SparseConfig(method=m, budget=128) for m in ("oracle", "streaming")}

@@ -1,10 +1,9 @@
 """The Hugging Face drop-in (asyncspade.hf): ``model.generate`` with our cache runs the engine's algorithm."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 import torch
+from conftest import shared_data
 
 import asyncspade
 from asyncspade.config import ConfigError, SparseConfig
@@ -13,7 +12,6 @@ from asyncspade.hf import HANDLE_ATTR, disable
 from asyncspade.models import tiny_model
 from asyncspade.sampling import SamplingParams
 
-PROSE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SMALL = dict(budget=32, sink=4, recent=8, dense_layers=1, max_tokens=256)   # prompt 100 >> budget: sparse decode
 NEW = 20
 
@@ -46,7 +44,7 @@ def tiny(request):
 @pytest.fixture(scope="module")
 def prompts(tiny):
     _, tok = tiny
-    text = PROSE.read_text()[:20000]
+    text = shared_data("tinyshakespeare.txt").read_text()[:20000]
     ids = tok(text)["input_ids"]
     return [ids[:100], ids[1000:1100], ids[2000:2090]]
 

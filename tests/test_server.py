@@ -397,3 +397,46 @@ def test_engine_failure_fails_only_that_request(ref_model):
         [ref] = reference(ref_model, [(plain_ids(ref_model, "fine"), SamplingParams(max_tokens=5, ignore_eos=True))])
         assert r.json()["choices"][0]["text"] == ref.text
         assert c.get("/health").json() == {"status": "ok"}
+
+
+# ------------------------------------------------------------------------------------------------ shutdown
+
+
+def proc_stat(pid) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if state == "Z" else (state, int(ppid))
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if (proc_stat(p) or ("", 0))[1] == pid]
+
+
+@pytest.mark.parametrize("selector", ["async", "dist"])
+def test_sigterm_leaves_nothing_behind(selector):
+    """SIGTERM after an engine with a cache-rank worker has run: the server exits within its grace period, its cache-rank
+    worker goes with it, and neither shared memory nor a semaphore is left for the resource tracker to reclaim."""
+    shm_before = set(os.listdir("/dev/shm"))
+    srv = Server("--selector", selector)
+    try:
+        srv.wait_ready()
+        r = srv.client().completions.create(model=NAME, prompt="tell me", max_tokens=BUDGET + 8,
+                                            extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == BUDGET + 8              # decoded past the budget: the worker selected
+        helpers = children(srv.proc.pid)                            # the cache-rank worker, the resource tracker
+        assert helpers
+        srv.proc.terminate()
+        srv.proc.wait(20)
+        end = time.monotonic() + 10                                 # the tracker reports after its parent is gone
+        while time.monotonic() < end and any(proc_stat(pid) for pid in helpers):
+            time.sleep(0.1)
+        assert not any(proc_stat(pid) for pid in helpers)
+        out = srv.output()
+    finally:
+        srv.close()
+    assert "leaked" not in out and "Traceback" not in out, out
+    assert set(os.listdir("/dev/shm")) - shm_before == set()

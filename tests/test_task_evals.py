@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from asyncspade import cli
 from asyncspade.evals import math as math_eval
@@ -12,15 +13,7 @@ from asyncspade.evals import passkey as passkey_eval
 from asyncspade.evals.report import kind_of
 from asyncspade.models import bundled_tokenizer
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
 SPARSE = ["--budget", "48", "--sink", "4", "--recent", "8", "--page-size", "8", "--dense-layers", "1"]
-
-
-def _data(name: str) -> Path:
-    p = DATA / name
-    if not p.exists():
-        pytest.skip(f"data file {p} not present")
-    return p
 
 
 def main(capsys, *argv) -> tuple[int, str, str]:
@@ -32,7 +25,7 @@ def main(capsys, *argv) -> tuple[int, str, str]:
 # ----------------------------------------------------------------------------------------------------------- passkey
 def test_passkey_cases_fit_the_context_and_hold_the_needle():
     tok = bundled_tokenizer()
-    hay = _data("tinyshakespeare.txt").read_text()
+    hay = shared_data("tinyshakespeare.txt").read_text()
     for chat in (False, True):
         cases = passkey_eval.build_cases(tok, hay, [300, 500], [0.0, 1.0], 2, seed=3, new_tokens=6, chat=chat)
         assert len(cases) == 8 and len({c.key for c in cases}) > 1
@@ -49,7 +42,7 @@ def test_passkey_end_to_end_writes_the_schema_and_plot(tiny_dir, tmp_path, capsy
     out, png = tmp_path / "pk.json", tmp_path / "pk.png"
     rc, stdout, err = main(capsys, "eval", "passkey", "--model", tiny_dir, "--dtype", "fp32", "--context", "192,320",
                            "--depths", "3", "--trials", "2", "--methods", "full,quest,asyncspade,streaming",
-                           "--new-tokens", "4", "--haystack", _data("tinyshakespeare.txt"), "--json", out,
+                           "--new-tokens", "4", "--haystack", shared_data("tinyshakespeare.txt"), "--json", out,
                            "--plot", png, *SPARSE)
     assert rc == 0, err
     res = json.loads(out.read_text())
@@ -89,7 +82,7 @@ def _lines(path: Path) -> list[dict]:
 
 def test_math_resume_reproduces_an_uninterrupted_run(tiny_dir, tmp_path, capsys):
     data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(_data("gsm8k_test.jsonl").read_text().splitlines(keepends=True)[:3]))
+    data.write_text("".join(shared_data("gsm8k_test.jsonl").read_text().splitlines(keepends=True)[:3]))
     rc, _, err = _math(capsys, tiny_dir, data, tmp_path / "a", tmp_path / "a.json")
     assert rc == 0, err
     rc, _, err = _math(capsys, tiny_dir, data, tmp_path / "b", tmp_path / "b1.json", "--limit", "1")
@@ -118,7 +111,7 @@ def test_math_resume_reproduces_an_uninterrupted_run(tiny_dir, tmp_path, capsys)
 
 def test_math_refuses_an_out_dir_with_other_settings(tiny_dir, tmp_path, capsys):
     data = tmp_path / "gsm.jsonl"
-    data.write_text(_data("gsm8k_test.jsonl").read_text().splitlines(keepends=True)[0])
+    data.write_text(shared_data("gsm8k_test.jsonl").read_text().splitlines(keepends=True)[0])
     rc, _, err = _math(capsys, tiny_dir, data, tmp_path / "o", tmp_path / "o.json", "--limit", "1")
     assert rc == 0, err
     rc, _, err = _math(capsys, tiny_dir, data, tmp_path / "o", tmp_path / "o.json", "--temperature", "0.3")

@@ -295,3 +295,6 @@ class AsyncSelector:
 
     def close(self) -> None:
         self._stop_worker()
+        # drop the semaphores now: their finalizer unlinks them; at a signal-driven exit (uvicorn re-raises SIGTERM)
+        # no finalizer runs and the resource tracker would report them leaked
+        self.job_sem = self.done_sem = None
