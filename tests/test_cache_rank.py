@@ -132,3 +132,27 @@ def test_new_occupant_never_gets_stale_selection(kind):
             assert got.shape == want.shape
     finally:
         sel.close()
+
+
+def test_decode_threads_leave_the_worker_a_core(tiny_llama):
+    """``decode_threads`` applies to decode steps only when a worker runs beside them; prefill keeps the process's
+    threads, and the process's setting is back after every step."""
+    from asyncspade.engine import intra_op_threads
+    model, tok = tiny_llama
+    cfg = SparseConfig(method="asyncspade", budget=48, sink=4, recent=8, dense_layers=1, page_size=8)
+    prompt = list(range(100, 180))
+    seen = {"prefill": set(), "decode": set()}
+    with intra_op_threads(2):
+        for selector in ("sync", "async"):
+            eng = Engine(model, tok, cfg, max_batch=1, max_tokens=256, selector=selector, decode_threads=1)
+            assert eng.decode_threads == (1 if selector == "async" else None)
+            prefill = eng._prefill
+            eng._prefill = lambda seq: (seen["prefill"].add(torch.get_num_threads()), prefill(seq))[1]
+            if selector == "async":
+                eng.logits_hook = lambda seqs, logits: seen["decode"].add(torch.get_num_threads())
+            seq = eng.add(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
+            while not seq.finished:
+                eng.step()
+                assert torch.get_num_threads() == 2
+            eng.close()
+    assert seen == {"prefill": {2}, "decode": {1}}

@@ -8,6 +8,7 @@ sequences, with free slots in that range carried as cheap dummy rows so every K/
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -65,11 +66,25 @@ class Event:
     finished: bool
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` inside the block (``None``: unchanged)."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
                  on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True,
-                 prefill_budget: int = 2048):
+                 prefill_budget: int = 2048, decode_threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
@@ -93,6 +108,10 @@ class Engine:
         self.cache = StoreCache(self.store)
         self.cache.engine_driven = True
         self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)
+        # with a cache-rank worker beside the decode loop, decode steps may leave it a core; prefill (compute-bound,
+        # no selection) keeps every thread the process has
+        worker = selector in ("async", "dist") and self.rt.selector is not None
+        self.decode_threads = decode_threads if worker else None
         self.eos_ids = self._eos_ids()
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: list[Sequence] = []
@@ -186,7 +205,8 @@ class Engine:
             events.append(self._prefill(seq))
         running = [s for s in self.slots if s is not None and not s.finished]
         if running:
-            events += self._decode(running)
+            with intra_op_threads(self.decode_threads):
+                events += self._decode(running)
         return [e for e in events if e is not None]
 
     def _prefill(self, seq: Sequence) -> Event | None:

@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import pathlib
 import socket
 import threading
@@ -167,11 +168,12 @@ class EngineLoop:
     """Owns the engines (one per sparse configuration, all on one model) and the thread that steps them."""
 
     def __init__(self, model, tokenizer, sparse: SparseConfig, max_batch: int = 8, max_queue: int = 64,
-                 max_tokens: int | None = None, max_engines: int = 4, selector: str = "sync", on_late: str = "wait"):
+                 max_tokens: int | None = None, max_engines: int = 4, selector: str = "sync", on_late: str = "wait",
+                 decode_threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.max_tokens = max_batch, max_queue, max_tokens
         self.max_engines = max_engines
-        self.selector, self.on_late = selector, on_late
+        self.selector, self.on_late, self.decode_threads = selector, on_late, decode_threads
         self.metrics = Metrics()
         self._lock = threading.Lock()        # engines dict, sinks, admission
         self._model_lock = threading.Lock()  # held while a forward runs or an engine is created/closed on the model
@@ -184,7 +186,7 @@ class EngineLoop:
 
     def _new_engine(self, cfg: SparseConfig) -> Engine:
         return Engine(self.model, self.tokenizer, cfg, max_batch=self.max_batch, max_tokens=self.max_tokens,
-                      selector=self.selector, on_late=self.on_late)
+                      selector=self.selector, on_late=self.on_late, decode_threads=self.decode_threads)
 
     @property
     def context(self) -> int:
@@ -477,11 +479,12 @@ class Guard:
 
 def create_app(model, tokenizer, sparse: SparseConfig | None = None, *, max_batch: int = 8, max_queue: int = 64,
                max_tokens: int | None = None, max_engines: int = 4, selector: str = "sync", on_late: str = "wait",
-               api_key: str | None = None, served_model_name: str = DEFAULT_NAME) -> FastAPI:
+               api_key: str | None = None, served_model_name: str = DEFAULT_NAME,
+               decode_threads: int | None = None) -> FastAPI:
     """The FastAPI app around ``model``/``tokenizer``. The engine thread runs while the app's lifespan does
     (``uvicorn``, or ``with TestClient(app)``); ``app.state.server.loop`` is the :class:`EngineLoop`."""
     state = ServerState(EngineLoop(model, tokenizer, sparse or SparseConfig(), max_batch, max_queue, max_tokens,
-                                   max_engines, selector, on_late), served_model_name, api_key)
+                                   max_engines, selector, on_late, decode_threads), served_model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -651,6 +654,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context per sequence, prompt + output (default: the model's maximum)")
     g.add_argument("--max-engines", type=int, default=4, help="distinct (method, budget) engines alive at once for "
                    "per-request overrides, each with its own KV store (default 4)")
+    g.add_argument("--decode-threads", type=int, default=None,
+                   help="intra-op threads of decode steps while a cache-rank worker (--selector async|dist) runs "
+                   "beside them; prefill always uses every thread (default: cores - 1, leaving the worker a core)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     g.add_argument("--served-model-name", default=None,
                    help=f"model id in the API (default {DEFAULT_NAME!r}, or the --model path's name)")
@@ -667,6 +673,7 @@ def bind(args) -> socket.socket:
     from .cli import UserError
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                         ("--max-engines", args.max_engines, 1), ("--port", args.port, 1),
+                        ("--decode-threads", 1 if args.decode_threads is None else args.decode_threads, 1),
                         ("--max-tokens-context", args.max_tokens_context or 1, 1)):
         if v < lo:
             raise UserError(f"{flag} must be >= {lo}, got {v}")
@@ -686,7 +693,8 @@ def app_from_args(args, model, tokenizer) -> FastAPI:
     from .cli import sparse_from_args
     return create_app(model, tokenizer, sparse_from_args(args), max_batch=args.max_batch, max_queue=args.max_queue,
                       max_tokens=args.max_tokens_context, max_engines=args.max_engines, selector=args.selector,
-                      on_late=args.on_late, api_key=args.api_key, served_model_name=model_name(args))
+                      on_late=args.on_late, api_key=args.api_key, served_model_name=model_name(args),
+                      decode_threads=args.decode_threads or max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
