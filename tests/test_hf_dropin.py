@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_data
 
 import asyncspade
 from asyncspade.config import ConfigError, SparseConfig
@@ -42,11 +41,10 @@ def tiny(request):
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny):
-    _, tok = tiny
-    text = shared_data("tinyshakespeare.txt").read_text()[:20000]
-    ids = tok(text)["input_ids"]
-    return [ids[:100], ids[1000:1100], ids[2000:2090]]
+def prompts():
+    """Three prompts of random token ids (the tiny models are random too: real text would add nothing)."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (100, 100, 90)]
 
 
 def hf_greedy(model, ids, **kw) -> list[list[int]]:
