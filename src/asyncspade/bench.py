@@ -94,7 +94,7 @@ def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     threads = args.decode_threads if selector in ("async", "dist") else args.threads
     torch.set_num_threads(threads)
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
-                 on_late=args.on_late)
+                 on_late=args.on_late, decode_threads=args.decode_threads)
     params = SamplingParams(max_tokens=args.warmup + args.steps + 1, ignore_eos=True)
     for b in range(batch):
         eng.adopt(b, ids[:context], params)

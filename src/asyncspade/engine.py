@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,10 +109,10 @@ class Engine:
         self.cache = StoreCache(self.store)
         self.cache.engine_driven = True
         self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)
-        # with a cache-rank worker beside the decode loop, decode steps may leave it a core; prefill (compute-bound,
-        # no selection) keeps every thread the process has
+        # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
+        # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
         worker = selector in ("async", "dist") and self.rt.selector is not None
-        self.decode_threads = decode_threads if worker else None
+        self.decode_threads = (decode_threads or max(1, len(os.sched_getaffinity(0)) - 1)) if worker else None
         self.eos_ids = self._eos_ids()
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: list[Sequence] = []

@@ -23,7 +23,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import pathlib
 import socket
 import threading
@@ -694,7 +693,7 @@ def app_from_args(args, model, tokenizer) -> FastAPI:
     return create_app(model, tokenizer, sparse_from_args(args), max_batch=args.max_batch, max_queue=args.max_queue,
                       max_tokens=args.max_tokens_context, max_engines=args.max_engines, selector=args.selector,
                       on_late=args.on_late, api_key=args.api_key, served_model_name=model_name(args),
-                      decode_threads=args.decode_threads or max(1, len(os.sched_getaffinity(0)) - 1))
+                      decode_threads=args.decode_threads)
 
 
 def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
