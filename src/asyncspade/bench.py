@@ -91,10 +91,10 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -
 def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     ahead = cfg.method in AHEAD
     selector = args.selector if ahead else "sync"
-    threads = args.decode_threads if selector in ("async", "dist") else args.threads
-    torch.set_num_threads(threads)
+    # the engine decodes on --decode-threads when a cache-rank worker runs beside it, on --threads otherwise
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
                  on_late=args.on_late, decode_threads=args.decode_threads)
+    threads = eng.decode_threads or args.threads
     params = SamplingParams(max_tokens=args.warmup + args.steps + 1, ignore_eos=True)
     for b in range(batch):
         eng.adopt(b, ids[:context], params)
@@ -301,6 +301,8 @@ def print_vs_hf(result: dict) -> None:
 
 
 def run(args) -> int:
+    if args.threads < 1 or args.decode_threads < 1:
+        raise UserError(f"--threads and --decode-threads must be >= 1, got {args.threads} and {args.decode_threads}")
     if args.vs_hf:
         result = run_vs_hf(args)
         print_vs_hf(result)

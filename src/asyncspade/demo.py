@@ -2,8 +2,8 @@
 
 A long real context (a reasoning trace from ../shared/data, several thousand tokens) is prefilled once per method
 and the bundled model continues it: dense attention (``full``, every core) vs ``asyncspade`` at budget 1024 with the
-asynchronous cache-rank worker and the page prefilter (decode on cores - 1 threads + the worker), side by side: tokens/s, TPOT
-ratio, and whether the texts agree.
+asynchronous cache-rank worker and the page prefilter (decode on cores - 1 threads + the worker), side by side:
+tokens/s, TPOT ratio, and whether the texts agree.
 """
 from __future__ import annotations
 
