@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,34 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data file {path} not present")
     return path
+
+
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a live process; None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if state == "Z" else (state, int(ppid))
+
+
+def child_pids(parent: int | None = None, tracker: bool = False) -> set[int]:
+    """Live child processes of ``parent`` (default: this process); multiprocessing's resource tracker (one per
+    parent, by design) only with ``tracker=True``."""
+    parent = os.getpid() if parent is None else parent
+    out = set()
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        if (proc_state(pid) or ("", 0))[1] != parent:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if not tracker and b"resource_tracker" in fh.read():
+                    continue
+        except OSError:
+            continue
+        out.add(pid)
+    return out
 
 
 def lively(model, std: float = 0.15, seed: int = 0):

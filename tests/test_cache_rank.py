@@ -4,29 +4,11 @@ import signal
 
 import pytest
 import torch
-from conftest import shared_data
+from conftest import child_pids, shared_data
 
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.sampling import SamplingParams
-
-
-def children() -> set[int]:
-    """Live child processes, except multiprocessing's resource tracker (one per parent, by design)."""
-    me = str(os.getpid())
-    out = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-                if fields[1] == me and fields[0] != "Z" and b"resource_tracker" not in cmd:
-                    out.add(int(pid))
-            except OSError:
-                pass
-    return out
 
 
 def generate(model, tok, cfg, prompts, n, selector, on_late="wait", kill_after=None):
@@ -78,7 +60,7 @@ def test_worker_killed_mid_generation_falls_back(tiny_llama, capfd):
         out, _ = generate(model, tok, cfg, prompts, 16, "async", kill_after=4)
     assert len(out[0]) == 16                           # nothing lost
     assert "continuing with synchronous selection" in capfd.readouterr().err
-    assert children() == set()
+    assert child_pids() == set()
 
 
 def test_no_leftovers_after_two_runs(tiny_llama):
@@ -87,7 +69,7 @@ def test_no_leftovers_after_two_runs(tiny_llama):
     cfg = SparseConfig(method="asyncspade", budget=48, sink=4, recent=8, dense_layers=1)
     for _ in range(2):
         generate(model, tok, cfg, [list(range(300, 380))], 6, "async", on_late="reuse")
-        assert children() == set()
+        assert child_pids() == set()
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 

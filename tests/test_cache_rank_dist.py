@@ -6,28 +6,12 @@ import time
 
 import pytest
 import torch
-from conftest import shared_data
+from conftest import child_pids, shared_data
 
 from asyncspade.cache_rank_dist import DistSelector
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.sampling import SamplingParams
-
-
-def children() -> set[int]:
-    """Live child processes, except multiprocessing's resource tracker (one per parent, by design)."""
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                tracker = b"resource_tracker" in f.read()
-        except OSError:
-            continue
-        if ppid == str(os.getpid()) and state != "Z" and not tracker:
-            out.add(int(pid))
-    return out
 
 
 def prompts(seed=0):
@@ -76,7 +60,7 @@ def test_dist_selects_like_sync(tiny_llama, method, predictor, prefilter):
     assert dist == sync
     assert sel.fallback is None and sel.steps > 0          # every selection came from the worker
     assert sel.proc.exitcode == 0                          # clean STOP, not killed
-    assert not os.path.exists(sel.rendezvous) and children() == set()
+    assert not os.path.exists(sel.rendezvous) and child_pids() == set()
 
 
 @pytest.mark.parametrize("sig,why", [(signal.SIGKILL, "worker died"), (signal.SIGSTOP, "stopped answering")])
@@ -90,7 +74,7 @@ def test_faulty_worker_falls_back_without_hanging(tiny_llama, capfd, sig, why):
     assert [len(o) for rnd in outs for o in rnd] == [n for rnd in prompts(1) for _, n in rnd]   # nothing lost
     assert sel.fallback is not None
     assert "continuing with synchronous selection" in capfd.readouterr().err
-    assert not os.path.exists(sel.rendezvous) and children() == set()
+    assert not os.path.exists(sel.rendezvous) and child_pids() == set()
 
 
 def test_reuse_policy_finishes_and_cleans_up(tiny_llama):
@@ -99,7 +83,7 @@ def test_reuse_policy_finishes_and_cleans_up(tiny_llama):
     outs, sel = run(model, tok, cfg, prompts(2), dist=True, on_late="reuse")
     assert [len(o) for rnd in outs for o in rnd] == [n for rnd in prompts(2) for _, n in rnd]
     assert sel.fallback is None and sel.steps > 0 and 0 <= sel.late <= sel.steps
-    assert sel.proc.exitcode == 0 and not os.path.exists(sel.rendezvous) and children() == set()
+    assert sel.proc.exitcode == 0 and not os.path.exists(sel.rendezvous) and child_pids() == set()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, tiny_model
 from asyncspade.sampling import SamplingParams
 from asyncspade.server import create_app
-from conftest import lively
+from conftest import child_pids, lively, proc_state
 
 HERE = pathlib.Path(__file__).parent
 BUDGET = 64                       # small, so the tiny model's decoding runs sparse past 64 cached tokens
@@ -402,24 +402,10 @@ def test_engine_failure_fails_only_that_request(ref_model):
 # ------------------------------------------------------------------------------------------------ shutdown
 
 
-def proc_stat(pid) -> tuple[str, int] | None:
-    """(state, parent pid) of a live process; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
-    except (OSError, ValueError):
-        return None
-    return None if state == "Z" else (state, int(ppid))
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in filter(str.isdigit, os.listdir("/proc")) if (proc_stat(p) or ("", 0))[1] == pid]
-
-
 @pytest.mark.parametrize("selector", ["async", "dist"])
 def test_sigterm_leaves_nothing_behind(selector):
-    """SIGTERM after an engine with a cache-rank worker has run: the server exits within its grace period, its cache-rank
-    worker goes with it, and neither shared memory nor a semaphore is left for the resource tracker to reclaim."""
+    """SIGTERM after an engine with a cache-rank worker has run: the server exits within its grace period, its
+    cache-rank worker goes with it, and neither shared memory nor a semaphore is left for the resource tracker."""
     shm_before = set(os.listdir("/dev/shm"))
     srv = Server("--selector", selector)
     try:
@@ -427,14 +413,14 @@ def test_sigterm_leaves_nothing_behind(selector):
         r = srv.client().completions.create(model=NAME, prompt="tell me", max_tokens=BUDGET + 8,
                                             extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == BUDGET + 8              # decoded past the budget: the worker selected
-        helpers = children(srv.proc.pid)                            # the cache-rank worker, the resource tracker
+        helpers = child_pids(srv.proc.pid, tracker=True)            # the cache-rank worker, the resource tracker
         assert helpers
         srv.proc.terminate()
         srv.proc.wait(20)
         end = time.monotonic() + 10                                 # the tracker reports after its parent is gone
-        while time.monotonic() < end and any(proc_stat(pid) for pid in helpers):
+        while time.monotonic() < end and any(proc_state(pid) for pid in helpers):
             time.sleep(0.1)
-        assert not any(proc_stat(pid) for pid in helpers)
+        assert not any(proc_state(pid) for pid in helpers)
         out = srv.output()
     finally:
         srv.close()
