@@ -112,3 +112,18 @@ def test_bundled_model_json(capsys):
     res = json.loads(out)
     assert set(res) == KEYS and 1 <= res["tokens"] <= 8 and res["text"].strip()
     assert res["finish_reason"] in ("stop", "length") and res["prompt_tokens"] > 8
+
+
+@pytest.mark.slow
+def test_bundled_model_generate_prints_no_deprecation_warning():
+    """Every warning category a future transformers release uses for renamed APIs is switched on; decoding through
+    the sparse path (budget below the prompt) with the default selector must not trigger any of them."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-W", "always::FutureWarning", "-W", "always::DeprecationWarning",
+                        "-W", "always::PendingDeprecationWarning", "-m", "asyncspade", "generate",
+                        "--prompt", PROMPT, "--max-new-tokens", "8", "--method", "asyncspade", "--budget", "32",
+                        "--sink", "4", "--recent", "8"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "Warning" not in p.stderr, p.stderr
+    assert "[asyncspade] 8 tokens" in p.stderr or "finish stop" in p.stderr

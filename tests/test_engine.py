@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import asyncspade
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine, RequestError
 from asyncspade.sampling import SamplingParams
@@ -85,7 +86,7 @@ def test_kv_store_matches_hf_cache(tiny):
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([full]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([full]), **{asyncspade.cache_keyword(model): cache}, use_cache=True)
     n = len(full)
     for layer in range(model.config.num_hidden_layers):
         torch.testing.assert_close(eng.store.k[layer, 0, :, :n], cache.layers[layer].keys[0], atol=1e-5, rtol=1e-4)

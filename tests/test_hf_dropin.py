@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import asyncspade
-from asyncspade.config import ConfigError, SparseConfig
+from asyncspade.config import METHODS, ConfigError, SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.hf import HANDLE_ATTR, disable
 from asyncspade.models import tiny_model
@@ -45,6 +45,11 @@ def prompts():
     """Three prompts of random token ids (the tiny models are random too: real text would add nothing)."""
     g = torch.Generator().manual_seed(7)
     return [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (100, 100, 90)]
+
+
+def uses(model, cache) -> dict:
+    """``generate`` keyword arguments that pass ``cache`` (its keyword depends on the transformers release)."""
+    return {asyncspade.cache_keyword(model): cache}
 
 
 def hf_greedy(model, ids, **kw) -> list[list[int]]:
@@ -89,9 +94,9 @@ def test_full_reproduces_hf_generate_and_exit_restores(tiny, prompts):
     assert len(set(ref[0])) > 5, "tiny model too degenerate for an equality test"
     with asyncspade.sparse_attention(model, method="full", **SMALL) as cache:
         assert model.config._attn_implementation == "asyncspade"
-        assert hf_greedy(model, prompts[0], past_key_values=cache) == ref
+        assert hf_greedy(model, prompts[0], **uses(model, cache)) == ref
     with asyncspade.sparse_attention(model, method="streaming", **SMALL) as cache:
-        sparse = hf_greedy(model, prompts[0], past_key_values=cache)
+        sparse = hf_greedy(model, prompts[0], **uses(model, cache))
     assert sparse != ref          # budget 32 of 120 tokens changes the output: the sparse path was really on
     assert model.config._attn_implementation == "sdpa"
     assert not hasattr(model, HANDLE_ATTR)
@@ -109,9 +114,27 @@ def test_generate_equals_engine(tiny, prompts, method, extra):
     want = engine_greedy(model, tok, [prompts[0]], method=method, **SMALL, **extra)[0]
     with asyncspade.sparse_attention(model, method=method, **SMALL, **extra) as cache:
         steps = count_sparse_steps(model)
-        got = hf_greedy(model, prompts[0], past_key_values=cache)[0]
+        got = hf_greedy(model, prompts[0], **uses(model, cache))[0]
     assert steps[0] == (NEW - 1) * (model.config.num_hidden_layers - 1)     # every sparse layer, every decode step
     assert strip_eos(got, tok) == want
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_really_decodes_sparsely(tiny, prompts, method):
+    """A drop-in generation at a budget far below the context takes the sparse path at every sparse layer of every
+    decode step: a cache the drop-in fails to recognise (e.g. passed under a renamed keyword) would make it silently
+    dense, and this count would be zero."""
+    model, _ = tiny
+    with asyncspade.enable(model, method=method, **SMALL) as handle:
+        handle.generate(torch.tensor([prompts[0]]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        by_handle = handle.rt.sparse_calls
+        handle.rt.sparse_calls = 0
+        handle.cache.reset()
+        hf_greedy(model, prompts[0], min_new_tokens=NEW, **uses(model, handle.cache))
+        by_generate = handle.rt.sparse_calls
+    sparse_layers = model.config.num_hidden_layers - SMALL["dense_layers"]
+    want = 0 if method == "full" else (NEW - 1) * sparse_layers
+    assert by_handle == by_generate == want
 
 
 def test_batch_of_two_equals_engine(tiny, prompts):
@@ -120,7 +143,7 @@ def test_batch_of_two_equals_engine(tiny, prompts):
     want = engine_greedy(model, tok, pair, method="asyncspade", **SMALL)
     handle = asyncspade.enable(model, method="asyncspade", max_batch=2, **SMALL)
     try:
-        got = [strip_eos(t, tok) for t in hf_greedy(model, pair, past_key_values=handle.cache)]
+        got = [strip_eos(t, tok) for t in hf_greedy(model, pair, **uses(model, handle.cache))]
     finally:
         disable(model)
     assert got == want
@@ -136,7 +159,7 @@ def test_padded_batch_falls_back_to_dense(tiny, prompts):
     ref = model.generate(ids, **kw)
     with asyncspade.sparse_attention(model, method="oracle", max_batch=2, **SMALL) as cache:
         steps = count_sparse_steps(model)
-        got = model.generate(ids, past_key_values=cache, **kw)
+        got = model.generate(ids, **uses(model, cache), **kw)
     assert steps[0] == 0
     assert torch.equal(got, ref)
 
@@ -153,7 +176,7 @@ def test_foreign_cache_runs_dense_with_a_warning(tiny, prompts):
     model, _ = tiny
     ref = hf_greedy(model, prompts[0])
     with asyncspade.sparse_attention(model, method="streaming", **SMALL):
-        with pytest.warns(UserWarning, match="not the sparse cache"):
+        with pytest.warns(UserWarning, match="does not use the sparse cache"):
             got = hf_greedy(model, prompts[0])            # generate builds its own DynamicCache
     assert got == ref
 
@@ -171,7 +194,7 @@ def test_enable_replaces_and_rejects_bad_input(tiny, prompts):
         assert len(model.model._forward_pre_hooks) == 1
         assert model.model.layers[0].self_attn.asyncspade_rt is second.rt
         with pytest.raises(ValueError, match="max_batch=1"):
-            hf_greedy(model, [prompts[0], prompts[1]], past_key_values=second.cache)
+            hf_greedy(model, [prompts[0], prompts[1]], **uses(model, second.cache))
     finally:
         disable(model)
     assert first.rt is not second.rt

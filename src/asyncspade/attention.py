@@ -67,6 +67,12 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, 
 
 def asyncspade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     rt = getattr(module, "asyncspade_rt", None)
+    if rt is not None and rt.writes_kv:
+        # the engine passes no cache through the modules: this layer's new K/V go into the store here, and
+        # attention reads the store (written rows included)
+        batch = rt.batch
+        rt.store.write(module.layer_idx, batch, key, value)
+        key, value = rt.store.keys(module.layer_idx, batch), rt.store.values(module.layer_idx, batch)
     if rt is None or query.shape[2] > 1 or attention_mask is not None:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)

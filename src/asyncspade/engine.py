@@ -19,7 +19,7 @@ import torch
 
 from .attention import NAME, register
 from .config import SparseConfig
-from .kvcache import Batch, KVStore, StoreCache
+from .kvcache import Batch, KVStore
 from .models import transpose_fp32_linears
 from .runtime import SparseRuntime
 from .sampling import SamplingParams, make_generator, sample
@@ -106,9 +106,7 @@ class Engine:
                                       shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"))
         if self.sparse.needs_pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
-        self.cache = StoreCache(self.store)
-        self.cache.engine_driven = True
-        self.rt = SparseRuntime(model, self.sparse, self.store, self.cache, selector, on_late)
+        self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late)
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
         # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
         worker = selector in ("async", "dist") and self.rt.selector is not None
@@ -252,13 +250,12 @@ class Engine:
         if self.model.config._attn_implementation != NAME:     # another engine on this model was closed
             self.model.set_attn_implementation(NAME)
         self.rt.activate()
-        self.cache.batch = batch
+        self.rt.batch = batch
         m = self.model.model
         h = m.embed_tokens(ids)
         pe = m.rotary_emb(h, positions)
-        for layer in m.layers:
-            h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                      position_embeddings=pe, use_cache=True)
+        for layer in m.layers:          # no cache object: the attention function writes K/V into the store
+            h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pe)
         h = m.norm(h[:, -1:])
         return self.model.lm_head(h)[:, 0].float()
 

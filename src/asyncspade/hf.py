@@ -2,14 +2,14 @@
 
     import asyncspade
     with asyncspade.sparse_attention(model, method="asyncspade", budget=1024) as cache:
-        out = model.generate(input_ids, max_new_tokens=256, past_key_values=cache)
+        out = model.generate(input_ids, max_new_tokens=256, cache=cache)   # past_key_values=cache before 5.24
 
     handle = asyncspade.enable(model, method="quest", budget=512)    # or keep it on
     out = handle.generate(input_ids, max_new_tokens=256)             # a fresh (reset) cache per call
     asyncspade.disable(model)                                        # back to the previous attention
 
 The model is switched to the ``asyncspade`` attention implementation and a :class:`SparseRuntime` is attached to its
-attention modules; the KV cache passed as ``past_key_values`` is backed by a preallocated :class:`KVStore`
+attention modules; the KV cache passed to ``generate`` is backed by a preallocated :class:`KVStore`
 (``max_batch`` sequences of ``max_tokens`` tokens). The prefill is dense, decoding is sparse: the same algorithm, the
 same code as :class:`asyncspade.engine.Engine`.
 
@@ -18,7 +18,7 @@ Limits:
   sdpa whenever the model passes a mask; batches of equal-length prompts are sparse;
 - a cache keeps one conversation: ``generate`` continues from what it holds (as with ``DynamicCache``), so call
   ``cache.reset()`` between unrelated prompts, or use ``handle.generate``;
-- a forward whose ``past_key_values`` is not the handle's cache runs dense (with a warning), never on the wrong cache;
+- a forward that does not use the handle's cache runs dense (with a warning), never on the wrong cache;
 - greedy search and sampling work; beam search (refused) and assisted decoding (which reorder or crop the cache)
   do not.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -33,14 +34,17 @@ import torch
 
 from .attention import register
 from .config import ConfigError, SparseConfig
-from .kvcache import Batch, KVStore, StoreCache
+from transformers.cache_utils import Cache
+
+from .kvcache import Batch, KVStore
 from .runtime import SparseRuntime
 
 HANDLE_ATTR = "_asyncspade_handle"
 
 
-class DropInCache(StoreCache):
-    """A :class:`StoreCache` for ``model.generate``: every forward runs on slots ``[0, B)`` with one shared length.
+class DropInCache(Cache):
+    """A transformers ``Cache`` backed by a :class:`KVStore`, for ``model.generate``: every forward runs on slots
+    ``[0, B)`` with one shared length.
 
     The batch of a forward is set by a pre-hook on the decoder before any layer runs (so the cross-layer forecast
     hook of layer 0 already sees the current step), a fresh cache starts new selector state, and a batched prefill
@@ -48,9 +52,11 @@ class DropInCache(StoreCache):
     """
 
     def __init__(self, store: KVStore):
-        super().__init__(store)
-        self.engine_driven = True          # the batch comes from begin_forward(), not from update()
+        super().__init__(layers=[])
+        self.store = store
+        self.batch: Batch | None = None
         self.rt: SparseRuntime | None = None
+        self._len = 0                 # uniform length of every row
 
     def begin_forward(self, batch_size: int, q_len: int) -> None:
         st = self.store
@@ -61,7 +67,10 @@ class DropInCache(StoreCache):
         if self._len == 0 and self.rt is not None:
             self.rt.begin_sequence(0, batch_size)
         self.batch = Batch(0, batch_size, torch.full((batch_size,), self._len, dtype=torch.int64), q_len)
+        if self.rt is not None:
+            self.rt.batch = self.batch
 
+    # -- the transformers Cache API used by the models and by generate() --
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         batch = self.batch
         if layer_idx == 0:                 # the step's tokens are in the cache from now on
@@ -75,12 +84,54 @@ class DropInCache(StoreCache):
             self.store.write(layer_idx, batch, key_states, value_states)
         return self.store.keys(layer_idx, batch), self.store.values(layer_idx, batch)
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._len + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.store.max_tokens
+
+    def __len__(self) -> int:
+        return self.store.num_layers
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._len > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.store.num_layers
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
     @property
     def is_croppable(self) -> bool:    # so generate never plans to roll a step back (its deferred stop check)
         return False
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("asyncspade's cache does not support beam search (num_beams > 1)")
+
+    def reset(self) -> None:
+        self._len = 0
+        self.store.lengths.zero_()
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model.generate`` / ``model(...)`` take a cache: ``cache`` in current transformers,
+    ``past_key_values`` in releases before the rename (read from the model's own signature, not its version)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class SparseHandle:
@@ -99,19 +150,20 @@ class SparseHandle:
         model.set_attn_implementation(register())
         # on the decoder, so each forward's batch is set before any layer (and any layer hook) runs
         self._hook = model.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self.rt = SparseRuntime(model, self.cfg, self.store, self.cache)
+        self.rt = SparseRuntime(model, self.cfg, self.store, writes_kv=False)
         self.cache.rt = self.rt
+        self.cache_keyword = cache_keyword(model)
         self._warned = False
 
     def _before_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is not self.cache:
+        # found by identity, whatever keyword the decoder receives it under (transformers renamed it once already)
+        if not any(v is self.cache for v in kwargs.values()):
             # detach the runtime: the attention function then runs plain sdpa on whatever cache this is
             for layer in self.rt.layers:
                 layer.self_attn.asyncspade_rt = None
-            if cache is not None and not self._warned:
-                warnings.warn("asyncspade: this forward's past_key_values is not the sparse cache; attention is "
-                              "dense (pass past_key_values=cache, or use handle.generate)", stacklevel=3)
+            if not self._warned:
+                warnings.warn(f"asyncspade: this forward does not use the sparse cache; attention is dense (pass "
+                              f"{self.cache_keyword}=cache to generate, or use handle.generate)", stacklevel=3)
                 self._warned = True
             return
         ids = kwargs.get("input_ids")
@@ -123,9 +175,11 @@ class SparseHandle:
         self.cache.begin_forward(ids.shape[0], ids.shape[1])
 
     def generate(self, *args, **kwargs):
-        """``model.generate`` with sparse attention on a fresh cache (any ``past_key_values`` given is replaced)."""
+        """``model.generate`` with sparse attention on a fresh cache (any cache given is replaced)."""
         self.cache.reset()
-        kwargs["past_key_values"] = self.cache
+        for name in ("cache", "past_key_values"):
+            kwargs.pop(name, None)
+        kwargs[self.cache_keyword] = self.cache
         return self.model.generate(*args, **kwargs)
 
     def close(self) -> None:
@@ -178,7 +232,8 @@ def disable(model) -> None:
 
 @contextlib.contextmanager
 def sparse_attention(model, method: str = "asyncspade", budget: int = 1024, **kwargs) -> Iterator[DropInCache]:
-    """Sparse attention on ``model`` inside the block; yields the cache to pass as ``past_key_values``.
+    """Sparse attention on ``model`` inside the block; yields the cache to pass to ``generate``
+    (under :func:`cache_keyword`: ``cache=``, or ``past_key_values=`` before transformers 5.24).
     Same arguments as :func:`enable`; on exit the model is as before."""
     handle = enable(model, method=method, budget=budget, **kwargs)
     try:

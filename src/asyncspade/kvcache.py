@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
 
 
 @dataclass
@@ -128,69 +127,3 @@ class KVStore:
 
     def values(self, layer: int, batch: Batch, upto: int | None = None) -> torch.Tensor:
         return self.v[layer, batch.lo:batch.hi, :, :batch.max_len if upto is None else upto]
-
-
-class StoreCache(Cache):
-    """A transformers ``Cache`` backed by a :class:`KVStore`.
-
-    The engine sets :attr:`batch` before each forward. Without the engine (batch 1, no forecast hook on layer 0)
-    the cache derives a uniform batch over slots ``[0, B)`` itself when layer 0 is updated; the Hugging Face
-    drop-in (``hf.DropInCache``) extends this to batched prefill and early forecast hooks.
-    """
-
-    def __init__(self, store: KVStore, first_layer: int = 0):
-        super().__init__(layers=[])
-        self.store = store
-        self.batch: Batch | None = None
-        self.engine_driven = False
-        self._len = 0                 # drop-in: uniform length of every row
-        self._first_layer = first_layer
-
-    # -- transformers Cache API used by the models and by generate() --
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if not self.engine_driven and layer_idx == self._first_layer:
-            b, _, q_len, _ = key_states.shape
-            if b > self.store.slots or self._len + q_len > self.store.max_tokens:
-                raise ValueError(f"KV store holds {self.store.slots} sequences of {self.store.max_tokens} tokens")
-            self.batch = Batch(0, b, torch.full((b,), self._len, dtype=torch.int64), q_len)
-            self._len += q_len
-            self.store.lengths[:b] = self._len
-        batch = self.batch
-        self.store.write(layer_idx, batch, key_states, value_states)
-        return self.store.keys(layer_idx, batch), self.store.values(layer_idx, batch)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._len
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._len + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.store.max_tokens
-
-    def __len__(self) -> int:
-        return self.store.num_layers
-
-    @property
-    def is_initialized(self) -> bool:
-        return self._len > 0
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * self.store.num_layers
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False] * self.store.num_layers
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False] * self.store.num_layers
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    def reset(self) -> None:
-        self._len = 0
-        self.store.lengths.zero_()

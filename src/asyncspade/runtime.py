@@ -9,18 +9,24 @@ import torch
 
 from .attention import decode_attention
 from .config import SparseConfig
-from .kvcache import KVStore, StoreCache
+from .kvcache import Batch, KVStore
 from .methods import make_method
 from .selector import make_selector
 
 
 class SparseRuntime:
-    def __init__(self, model, cfg: SparseConfig, store: KVStore, cache: StoreCache, selector: str = "sync",
-                 on_late: str = "wait"):
+    def __init__(self, model, cfg: SparseConfig, store: KVStore, selector: str = "sync", on_late: str = "wait",
+                 writes_kv: bool = True):
         self.layers = list(model.model.layers)
         self.method = make_method(cfg.validate(len(self.layers)))
         self.cfg = self.method.cfg
-        self.store, self.cache = store, cache
+        self.store = store
+        # the forward in progress: set by its driver (the engine, or the drop-in cache) before any layer runs
+        self.batch: Batch | None = None
+        # True: the attention function writes each layer's new K/V into the store itself (the engine passes no
+        # cache through the model's modules); False: a transformers Cache has already written them (drop-in)
+        self.writes_kv = writes_kv
+        self.sparse_calls = 0    # decode attention calls that ran on a sparse selection (tests, diagnostics)
         attn = self.layers[0].self_attn
         self.heads = model.config.num_attention_heads
         self.kv_heads = store.kv_heads
@@ -51,7 +57,7 @@ class SparseRuntime:
         def hook(module, args, kwargs):
             if getattr(module.self_attn, "asyncspade_rt", None) is not self:
                 return
-            batch = self.cache.batch
+            batch = self.batch
             if batch is not None and batch.q_len == 1 and batch.max_len > self.cfg.budget:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.method.before_layer(self, src, hidden, kwargs["position_embeddings"], batch)
@@ -62,18 +68,19 @@ class SparseRuntime:
             self.selector.reset(lo, hi)
 
     def observe_prefill(self, layer: int, query: torch.Tensor) -> None:
-        batch = self.cache.batch
+        batch = self.batch
         if layer >= self.cfg.dense_layers and getattr(batch, "final", True):
             self.method.observe(self, layer, query, batch)
 
     def decode(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """Decode attention of ``layer`` for queries ``[B, H, 1, D]``; returns ``[B, 1, H, D]``."""
-        batch = self.cache.batch
+        batch = self.batch
         q = query[:, :, 0]
         sparse_layer = layer >= self.cfg.dense_layers
         sel = None
         if sparse_layer and batch.max_len > self.cfg.budget:
             sel = self.method.select(self, layer, q, batch)
+            self.sparse_calls += sel is not None
             if self.probe is not None:
                 self.probe(layer, q, batch, sel)
         out = decode_attention(q, self.store, layer, batch, sel, self.cfg, self.scale)
