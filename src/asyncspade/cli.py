@@ -127,6 +127,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncspade", description="Query-aware sparse attention whose top-k "
                                      "token selection runs ahead of the decode loop (AsyncSpade). "
                                      "`asyncspade COMMAND --help` explains each command's flags.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"asyncspade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(subparsers, name, mod, help_, wanted):
