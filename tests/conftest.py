@@ -8,6 +8,9 @@ torch.set_num_threads(1)   # the suite shares 2 cores with worker processes: no 
 
 from asyncspade.models import tiny_model
 
+# the engine in the Hugging Face model's own precision (fp32 weights and KV): what tests comparing with HF use
+EXACT = dict(weights="fp32", kv_dtype="fp32")
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -7,6 +7,7 @@ import asyncspade
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine, RequestError
 from asyncspade.sampling import SamplingParams
+from conftest import EXACT
 
 
 def prompts(n_list, seed=0):
@@ -22,6 +23,7 @@ def hf_greedy(model, ids, n, stop_at_eos=False):
 
 
 def engine_greedy(model, tok, ps, n, cfg=None, max_batch=4, **kw):
+    kw = {**EXACT, **kw}
     eng = Engine(model, tok, cfg or SparseConfig(), max_batch=max_batch, max_tokens=512, **kw)
     seqs = [eng.add(p, SamplingParams(max_tokens=n, ignore_eos=True)) for p in ps]
     eng.run(seqs)
@@ -50,7 +52,7 @@ def test_more_requests_than_slots(tiny_llama):
     """Continuous batching: 5 requests through 2 slots join and leave between steps."""
     model, tok = tiny_llama
     ps = prompts([5, 12, 7, 20, 3], seed=2)
-    eng = Engine(model, tok, SparseConfig(), max_batch=2, max_tokens=256)
+    eng = Engine(model, tok, SparseConfig(), max_batch=2, max_tokens=256, **EXACT)
     seqs = [eng.add(p, SamplingParams(max_tokens=4 + i, ignore_eos=True)) for i, p in enumerate(ps)]
     eng.run(seqs)
     eng.close()
@@ -64,7 +66,7 @@ def test_queued_prefills_are_spread_over_steps(tiny_llama):
     the prefills, and the outputs are those of each prompt alone."""
     model, tok = tiny_llama
     ps = prompts([120, 120, 120], seed=3)
-    eng = Engine(model, tok, SparseConfig(), max_batch=4, max_tokens=256, prefill_budget=200)
+    eng = Engine(model, tok, SparseConfig(), max_batch=4, max_tokens=256, prefill_budget=200, **EXACT)
     seqs = [eng.add(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in ps]
     eng.step()
     assert len(eng.waiting) == 2 and len(seqs[0].output_ids) == 2        # first token + one decode step
@@ -79,7 +81,7 @@ def test_queued_prefills_are_spread_over_steps(tiny_llama):
 def test_kv_store_matches_hf_cache(tiny):
     model, tok = tiny
     ids = prompts([11])[0]
-    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=64)
+    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=64, **EXACT)
     seq = eng.add(ids, SamplingParams(max_tokens=6, ignore_eos=True))
     eng.run([seq])
     full = ids + seq.output_ids[:-1]             # the last sampled token is never fed
@@ -178,7 +180,7 @@ def test_bundled_model_matches_hf_generate():
     model, tok = load_model(None, torch.float32)
     ids = encode_prompt(tok, "Write a short story about a lighthouse keeper and a storm.", chat=True)
     ref = hf_greedy(model, ids, 32, stop_at_eos=True)
-    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=1024)
+    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=1024, **EXACT)
     seq = eng.add(ids, SamplingParams(max_tokens=32))
     eng.run([seq])
     eng.close()

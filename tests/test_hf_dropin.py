@@ -10,6 +10,7 @@ from asyncspade.engine import Engine
 from asyncspade.hf import HANDLE_ATTR, disable
 from asyncspade.models import tiny_model
 from asyncspade.sampling import SamplingParams
+from conftest import EXACT
 
 SMALL = dict(budget=32, sink=4, recent=8, dense_layers=1, max_tokens=256)   # prompt 100 >> budget: sparse decode
 NEW = 20
@@ -66,7 +67,7 @@ def engine_greedy(model, tok, prompts_, **settings) -> list[list[int]]:
     settings = dict(settings)
     max_tokens = settings.pop("max_tokens")
     previous = model.config._attn_implementation
-    eng = Engine(model, tok, SparseConfig(**settings), max_batch=len(prompts_), max_tokens=max_tokens)
+    eng = Engine(model, tok, SparseConfig(**settings), max_batch=len(prompts_), max_tokens=max_tokens, **EXACT)
     try:
         seqs = [eng.add(p, SamplingParams(max_tokens=NEW)) for p in prompts_]
         eng.run(seqs)

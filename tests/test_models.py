@@ -170,8 +170,8 @@ def test_tiny_model_deterministic_and_rng_neutral():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     bf, _ = M.tiny_model("llama", seed=7, num_layers=2, dtype=torch.bfloat16)
     check_ready(bf, torch.bfloat16)
-    with pytest.raises(ValueError, match="llama"):
-        M.tiny_model("gpt2")
+    with pytest.raises(ValueError, match="unknown tiny-model arch 'nope'"):
+        M.tiny_model("nope")
 
 
 def test_hf_directory_round_trip(tmp_path):

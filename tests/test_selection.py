@@ -1,9 +1,12 @@
 """Selection code against slow reference implementations."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from asyncspade import kernels
 from asyncspade.attention import decode_attention
 from asyncspade.config import ConfigError, SparseConfig
 from asyncspade.kvcache import Batch, KVStore
@@ -12,18 +15,19 @@ from asyncspade.predictor import QueryWindows, forecast
 from asyncspade.scoring import gather_rows, quest_page_scores, topk_pages, topk_tokens
 
 
-def filled_store(layers=1, slots=3, kvh=2, T=96, d=8, track_pages=False, seed=0):
+def filled_store(layers=1, slots=3, kvh=2, T=96, d=8, track_pages=False, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    st_ = KVStore(layers, slots, kvh, T, d, torch.float64, page_size=4, track_pages=track_pages)
+    st_ = KVStore(layers, slots, kvh, T, d, dtype, page_size=4, track_pages=track_pages)
     st_.k.copy_(torch.randn(st_.k.shape, generator=g, dtype=torch.float64))
     st_.v.copy_(torch.randn(st_.v.shape, generator=g, dtype=torch.float64))
     return st_
 
 
+@pytest.mark.parametrize("backend", ["c", "torch"])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (6, 2)])     # MHA and GQA
-def test_gather_sparse_equals_masked_dense(heads, kvh):
+def test_gather_sparse_equals_masked_dense(heads, kvh, backend):
     d, T = 8, 96
-    store = filled_store(kvh=kvh, T=T, d=d)
+    store = filled_store(kvh=kvh, T=T, d=d, dtype=torch.float32)
     cfg = SparseConfig(method="oracle", budget=20, sink=2, recent=3, dense_layers=0)
     lengths = torch.tensor([90, 60, 75])
     batch = Batch(0, 3, lengths - 1, 1)
@@ -31,8 +35,12 @@ def test_gather_sparse_equals_masked_dense(heads, kvh):
     mid = torch.stack([torch.stack([torch.randperm(int(n) - 5, generator=g)[:cfg.k_mid] + 2 for _ in range(kvh)])
                        for n in lengths])                                                  # [B, KVH, k]
     valid = torch.rand(mid.shape, generator=g) > 0.3
-    q = torch.randn(3, heads, d, generator=g, dtype=torch.float64)
-    out = decode_attention(q, store, 0, batch, Selection(mid, valid), cfg, scale=0.3)
+    q = torch.randn(3, heads, d, generator=g)
+    out = torch.empty(3, kvh, heads // kvh, d)
+    with contextlib.nullcontext() if backend == "c" else kernels.torch_only():
+        assert kernels.backend() == backend
+        decode_attention(q, store, 0, batch, Selection(mid, valid), cfg, 0.3, out)
+    out = out.view(3, heads, d)
     # reference: dense scores over the whole cache, masked to the attended set
     for b in range(3):
         n = int(lengths[b])

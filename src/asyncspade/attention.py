@@ -12,10 +12,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from . import kernels
 from .config import SparseConfig
 from .kvcache import Batch, KVStore
 from .methods import Selection
-from .scoring import gather_rows
 
 NAME = "asyncspade"
 
@@ -46,23 +46,22 @@ def compose(sel: Selection, batch: Batch, cfg: SparseConfig) -> tuple[torch.Tens
 
 
 def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, sel: Selection | None,
-                     cfg: SparseConfig, scale: float) -> torch.Tensor:
-    """One decode step of one layer: queries ``[B, H, D]`` -> outputs ``[B, H, D]``."""
+                     cfg: SparseConfig, scale: float, out: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """One decode step of one layer: queries ``q [B, H, D]`` (fp32) -> ``out [B, KVH, G, D]``.
+
+    Dense: every cached position (a windowed layer: its last ``window``). Sparse: the composed positions, read
+    straight from the store by the kernel (no gathered copy)."""
     b, h, d = q.shape
     kvh = store.kv_heads
     qg = q.view(b, kvh, h // kvh, d)
+    k, v = store.k[layer, batch.lo:batch.hi], store.v[layer, batch.lo:batch.hi]
     if sel is None:
-        k, v = store.keys(layer, batch), store.values(layer, batch)
-        mask = None
-        if batch.min_len != batch.max_len:
-            mask = (torch.arange(batch.max_len) < batch.lengths[:, None]).view(b, 1, 1, batch.max_len)
-    else:
-        idx, valid = compose(sel, batch, cfg)
-        k = gather_rows(store.k[layer, batch.lo:batch.hi], idx)
-        v = gather_rows(store.v[layer, batch.lo:batch.hi], idx)
-        mask = None if valid is None else valid.unsqueeze(2)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, h, d)
+        end = batch.lengths
+        begin = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
+        return kernels.attend(qg, k, v, scale, out, begin=begin, end=end)
+    idx, valid = compose(sel, batch, cfg)
+    return kernels.attend(qg, k, v, scale, out, idx=idx.contiguous(),
+                          valid=None if valid is None else valid.contiguous())
 
 
 def asyncspade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -77,7 +76,7 @@ def asyncspade_attention(module, query, key, value, attention_mask, scaling=None
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      **kwargs)
         if rt is not None and query.shape[2] > 1:
-            rt.observe_prefill(module.layer_idx, query)
+            rt.observe_prefill(module.layer_idx, query.float())
         return out
     return rt.decode(module.layer_idx, query), None
 

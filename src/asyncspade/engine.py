@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
+from .arch import head_dim, lean_unsupported
 from .attention import NAME, register
 from .config import SparseConfig
 from .kvcache import Batch, KVStore
-from .models import transpose_fp32_linears
+from .lean import lean_model
+from .models import parse_dtype, transpose_fp32_linears
 from .runtime import SparseRuntime
 from .sampling import SamplingParams, make_generator, sample
+
+
+DEFAULT_WEIGHTS = "int8"      # lean forward weight format (BENCHMARKS.md: speed and fidelity vs fp32)
+DEFAULT_KV_DTYPE = "bf16"     # KV store dtype on the lean forward
 
 
 class RequestError(ValueError):
@@ -85,7 +92,11 @@ class Engine:
     def __init__(self, model, tokenizer, sparse: SparseConfig | None = None, max_batch: int = 8,
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
                  on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True,
-                 prefill_budget: int = 2048, decode_threads: int | None = None):
+                 prefill_budget: int = 2048, decode_threads: int | None = None, weights: str | None = DEFAULT_WEIGHTS,
+                 kv_dtype: str | torch.dtype | None = DEFAULT_KV_DTYPE):
+        """``weights``: the lean forward's weight format (fp32, bf16, int8, int4; None: the model's own dtype);
+        ``kv_dtype``: the KV store's dtype (fp32, bf16; None: the model's). Models outside the lean forward's
+        family run on their Hugging Face modules in their own dtype (``path`` and ``path_note`` say which)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
@@ -93,20 +104,30 @@ class Engine:
         self.max_tokens = max_tokens or self.config.max_position_embeddings
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
-        if transpose_weights:
-            transpose_fp32_linears(model)          # fp32 only; a no-op for bf16 and when already done
+        model_dtype = next(model.parameters()).dtype
+        why_not = lean_unsupported(model)
+        self.lean = None
+        if why_not is None:
+            fmt = weights or {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model_dtype, "fp32")
+            self.lean = lean_model(model, fmt)
+            self.path = "lean"
+            self.path_note = f"lean forward ({self.config.model_type}, {fmt} weights, {kernels.backend()} kernels)"
+        else:
+            self.path = "hf"
+            self.path_note = f"Hugging Face modules ({why_not})"
+            if transpose_weights:
+                transpose_fp32_linears(model)          # fp32 only; a no-op for bf16 and when already done
         self._prev_attn = model.config._attn_implementation
         model.set_attn_implementation(register())
-        dtype = next(model.parameters()).dtype
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        dtype = model_dtype if kv_dtype is None or self.lean is None else parse_dtype(kv_dtype)
         # benchmarks pass one filled store to the engines of several methods
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
-                                      self.max_tokens, head_dim, dtype, self.sparse.page_size,
+                                      self.max_tokens, head_dim(self.config), dtype, self.sparse.page_size,
                                       track_pages=self.sparse.needs_pages,
                                       shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"))
         if self.sparse.needs_pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
-        self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late)
+        self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
         # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
         worker = selector in ("async", "dist") and self.rt.selector is not None
@@ -247,10 +268,12 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: Batch, mask=None) -> torch.Tensor:
         """Run the decoder over ``ids [B, L]``; returns fp32 logits of the last position ``[B, V]``."""
+        self.rt.batch = batch
+        if self.lean is not None:
+            return self.lean.forward(ids, batch, self.store, self.rt)
         if self.model.config._attn_implementation != NAME:     # another engine on this model was closed
             self.model.set_attn_implementation(NAME)
         self.rt.activate()
-        self.rt.batch = batch
         m = self.model.model
         h = m.embed_tokens(ids)
         pe = m.rotary_emb(h, positions)

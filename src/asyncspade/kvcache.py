@@ -88,15 +88,24 @@ class KVStore:
             else:
                 K[batch.rows, :, batch.start] = k[:, :, 0]
                 V[batch.rows, :, batch.start] = v[:, :, 0]
-            if self.track_pages:
-                self._page_append(layer, batch, k[:, :, 0])
         else:
             assert batch.size == 1, "multi-token writes (prefill) go one sequence at a time"
             o = int(batch.start[0])
             K[0, :, o:o + batch.q_len] = k[0]
             V[0, :, o:o + batch.q_len] = v[0]
-            if self.track_pages:
-                self.rebuild_pages(layer, batch.lo, o, o + batch.q_len)
+        self.after_write(layer, batch)
+
+    def after_write(self, layer: int, batch: Batch) -> None:
+        """Bring what is derived from the keys (page min/max) up to date with the rows ``batch`` just wrote. Every
+        writer calls it: :meth:`write`, and the lean forward, whose kernel writes rows in place."""
+        if not self.track_pages:
+            return
+        if batch.q_len == 1:
+            K = self.k[layer, batch.lo:batch.hi]
+            self._page_append(layer, batch, K[batch.rows, :, batch.start])
+        else:
+            o = int(batch.start[0])
+            self.rebuild_pages(layer, batch.lo, o, o + batch.q_len)
 
     def _page_append(self, layer: int, batch: Batch, k: torch.Tensor) -> None:
         pmin, pmax = self.pmin[layer, batch.lo:batch.hi], self.pmax[layer, batch.lo:batch.hi]

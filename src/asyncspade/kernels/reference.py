@@ -1,0 +1,94 @@
+"""The torch versions of the decode kernels: the fallback where the C kernels do not apply (a GPU, no compiler) and
+the reference the tests hold the C kernels to. Same arguments and results as :mod:`asyncspade.kernels`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``store[b, h, idx[b, h, j]]`` as ``[B, KVH, k, D]`` with one index_select over whole rows.
+
+    ``store`` is a ``[B, KVH, T, D]`` view with a contiguous last two dims (a slot range of the KV store). A
+    per-element ``torch.gather`` with an index expanded to ``[k, D]`` is several times slower.
+    """
+    b, kvh, t, d = store.shape
+    sb, sh, st, sd = store.stride()
+    assert sd == 1 and st == d, "gather_rows needs rows of contiguous head_dim"
+    base = (torch.arange(b, device=idx.device).view(b, 1, 1) * (sb // st)
+            + torch.arange(kvh, device=idx.device).view(1, kvh, 1) * (sh // st))
+    flat = (idx + base).reshape(-1)
+    rows = (store.untyped_storage().nbytes() // store.element_size() - store.storage_offset()) // d
+    src = store.as_strided((rows, d), (d, 1), store.storage_offset())
+    return src.index_select(0, flat).view(b, kvh, idx.shape[-1], d)
+
+
+def attend(q, k, v, scale, begin=None, end=None, idx=None, valid=None) -> torch.Tensor:
+    """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`)."""
+    b = q.shape[0]
+    if idx is not None:
+        kk, vv = gather_rows(k, idx), gather_rows(v, idx)
+        mask = None if valid is None else valid.unsqueeze(2)
+        out = F.scaled_dot_product_attention(q.to(kk.dtype), kk, vv, attn_mask=mask, scale=scale)
+        if valid is not None:        # a row with nothing valid attends to nothing (the C kernel writes zeros)
+            out = out.masked_fill(~valid.any(-1)[:, :, None, None], 0)
+        return out.float()
+    rows = []
+    for r in range(b):
+        lo, hi = int(begin[r]), int(end[r])
+        kr, vr = k[r:r + 1, :, lo:hi], v[r:r + 1, :, lo:hi]
+        rows.append(F.scaled_dot_product_attention(q[r:r + 1].to(kr.dtype), kr, vr, scale=scale).float())
+    return torch.cat(rows)
+
+
+def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum") -> torch.Tensor:
+    b, kvh, g, d = q.shape
+    if idx is not None:
+        cand = gather_rows(k, idx)
+        ok = valid if valid is not None else torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    else:
+        cand = k[:, :, lo:lo + n]
+        ok = (torch.arange(lo, lo + n, device=q.device) < hi[:, None])[:, None, :].expand(b, kvh, n)
+    s = torch.matmul(q.to(cand.dtype), cand.transpose(-1, -2)).float() * scale          # [B, KVH, G, n]
+    s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    agg = p.sum(2) if aggregate == "sum" else p.amax(2)
+    return agg.masked_fill(~ok, -1.0)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def qkv_post(qkv, bias, q_norm, k_norm, eps, cos, sin, slot, pos, k_store, v_store, heads, kv_heads, q_out) -> None:
+    n = qkv.shape[0]
+    d = k_store.shape[-1]
+    x = qkv.float()
+    if bias is not None:
+        x = x + bias
+    x = x.view(n, heads + 2 * kv_heads, d)
+    q, k, v = x[:, :heads], x[:, heads:heads + kv_heads], x[:, heads + kv_heads:]
+    if q_norm is not None:
+        q = _rms(q, q_norm, eps)
+    if k_norm is not None:
+        k = _rms(k, k_norm, eps)
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]           # [N, 1, D/2]
+
+    def rope(t):
+        a, b = t[..., :d // 2], t[..., d // 2:]
+        return torch.cat([a * c - b * s, b * c + a * s], -1)
+    q_out.copy_(rope(q))
+    if kv_heads:
+        k_store[slot, :, pos] = rope(k).to(k_store.dtype)
+        v_store[slot, :, pos] = v.to(v_store.dtype)
+
+
+def add_rmsnorm(h, delta, weight, eps, out) -> torch.Tensor:
+    if delta is not None:
+        h.add_(delta.float())
+    return out.copy_(_rms(h, weight, eps))
+
+
+def silu_mul(gu, out) -> torch.Tensor:
+    g, u = gu.float().chunk(2, -1)
+    return out.copy_(F.silu(g) * u)

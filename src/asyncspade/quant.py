@@ -1,0 +1,118 @@
+"""Weight formats of the lean forward: one :class:`Linear` per projection, in the layout its kernel reads.
+
+=======  =============================================  ==============================================  ===========
+format   stored                                         kernel                                          activations
+=======  =============================================  ==============================================  ===========
+fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``                                     fp32
+bf16     ``W [N, K]`` bf16                              ``F.linear``                                    bf16
+int8     ``W [N, K]`` int8 + per-output-channel scale   ``torch._weight_int8pack_mm``                   bf16
+int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``           bf16
+         (32 columns) scale and zero
+=======  =============================================  ==============================================  ===========
+
+Quantization is symmetric per output channel for int8 and asymmetric per group for int4 (as Q4_1: a scale and a
+minimum per 32 weights). The int kernels read bf16 activations (with fp32 ones torch's int8 kernel is ~8x slower).
+On devices other than the CPU the int formats are stored dequantized in bf16 (their kernels are CPU ones here).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32
+
+
+class Linear:
+    """``y = x W^T (+ b)`` in one weight format. ``act_dtype`` is the dtype ``x`` must have; ``y`` has it too."""
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int):
+        self.fmt, self.t = fmt, tensors
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = tensors.get("bias")
+        self.act_dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        w = tensors.get("w")
+        if fmt == "fp32":
+            self._w_t = w
+        elif fmt == "bf16":
+            self._w = w
+
+    @classmethod
+    def from_weight(cls, fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    device: torch.device | str = "cpu") -> "Linear":
+        """Quantize/convert a float ``[N, K]`` weight."""
+        w = weight.detach().float()
+        n, k = w.shape
+        device = torch.device(device)
+        if fmt in ("int8", "int4") and (device.type != "cpu" or (fmt == "int4" and k % INT4_GROUP)):
+            fmt = "bf16"                         # no kernel for it there: the same weights, dequantized
+        if fmt == "fp32":
+            t = {"w": w.t().contiguous()}
+        elif fmt == "bf16":
+            t = {"w": w.to(torch.bfloat16).contiguous()}
+        elif fmt == "int8":
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            t = {"w": q.contiguous(), "scale": scale.to(torch.bfloat16)}
+        elif fmt == "int4":
+            g = w.view(n, k // INT4_GROUP, INT4_GROUP)
+            lo, hi = g.amin(-1), g.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
+            zero = lo + 8 * scale                            # the kernel computes (q - 8) * scale + zero
+            sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)   # [K/G, N, 2]
+            t = {"w": torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), "scale_zero": sz}
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        if bias is not None:
+            t["bias"] = bias.detach().to(torch.float32 if fmt == "fp32" else torch.bfloat16)
+        t = {name: v.to(device) for name, v in t.items()}
+        return cls(fmt, t, n, k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.fmt
+        if f == "fp32":
+            y = x @ self._w_t
+        elif f == "bf16":
+            y = F.linear(x, self._w)
+        elif f == "int8":
+            y = torch._weight_int8pack_mm(x, self.t["w"], self.t["scale"])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x, self.t["w"], INT4_GROUP, self.t["scale_zero"])
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def rows(self, lo: int, hi: int) -> "Linear":
+        """The projection onto output features ``[lo, hi)`` (e.g. the query part of a fused QKV), sharing storage
+        where the layout allows (int4's packed tiles do not: those rows are repacked once)."""
+        f, t = self.fmt, self.t
+        if f == "fp32":
+            sub = {"w": t["w"][:, lo:hi]}
+        elif f == "bf16":
+            sub = {"w": t["w"][lo:hi]}
+        elif f == "int8":
+            sub = {"w": t["w"][lo:hi], "scale": t["scale"][lo:hi]}
+        else:
+            return Linear.from_weight("int4", self.dequantized()[lo:hi],
+                                      None if self.bias is None else self.bias[lo:hi].float())
+        if self.bias is not None:
+            sub["bias"] = self.bias[lo:hi]
+        return Linear(f, sub, hi - lo, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float ``[N, K]`` weight this format represents (tests, and int4 row slices)."""
+        f, t = self.fmt, self.t
+        if f == "fp32":
+            return t["w"].t().float()
+        if f == "bf16":
+            return t["w"].float()
+        if f == "int8":
+            return t["w"].float() * t["scale"].float()[:, None]
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(eye, t["w"], INT4_GROUP, t["scale_zero"]).float().t()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over this projection reads."""
+        return sum(v.numel() * v.element_size() for v in self.t.values())
