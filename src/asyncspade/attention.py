@@ -1,8 +1,8 @@
-"""The attention function registered with transformers: dense prefill, dense or gather-sparse decode.
+"""Decode attention over the KV store (dense, or sparse over selected positions), and the function registered
+with transformers' attention interface for the HF-module path and the drop-in.
 
-Sparse decode reads only the selected K/V rows (sinks + the method's tokens + the recent window), gathered as
-whole rows, and attends with the query heads packed per KV head (``[B, KVH, group, D]``), so a group shares its
-gathered rows and K/V are never repeated.
+Sparse decode reads only the selected K/V rows (sinks + the method's tokens + the recent window) in place, with the
+query heads packed per KV head (``[B, KVH, group, D]``), so a group shares its rows and K/V are never repeated.
 """
 from __future__ import annotations
 
@@ -20,48 +20,26 @@ from .methods import Selection
 NAME = "asyncspade"
 
 
-def compose(sel: Selection, batch: Batch, cfg: SparseConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attended positions ``[B, KVH, budget]``: sinks | the method's tokens | recent window, and a validity mask.
-    Rows whose cache fits in the budget attend to everything (exactly dense)."""
-    idx, valid = sel.idx, sel.valid
-    b, kvh, k = idx.shape
-    if k < cfg.k_mid:                                    # e.g. Quest with k not a multiple of the page size
-        pad = cfg.k_mid - k
-        idx = F.pad(idx, (0, pad))
-        valid = F.pad(valid if valid is not None else torch.ones_like(idx[..., :k], dtype=torch.bool), (0, pad))
-    n = batch.lengths.view(b, 1, 1)
-    sink = torch.arange(cfg.sink).expand(b, kvh, cfg.sink)
-    recent = (n - cfg.recent + torch.arange(cfg.recent)).expand(b, kvh, cfg.recent)
-    idx = torch.cat([sink, idx, recent], -1)
-    if valid is not None:
-        ones = torch.ones(b, kvh, cfg.sink + 0, dtype=torch.bool)
-        valid = torch.cat([ones, valid, torch.ones(b, kvh, cfg.recent, dtype=torch.bool)], -1)
-    short = batch.lengths <= cfg.budget
-    if bool(short.any()):
-        dense = torch.arange(cfg.budget).expand(b, kvh, cfg.budget)
-        s = short.view(b, 1, 1)
-        idx = torch.where(s, dense, idx)
-        valid = torch.where(s, dense < n, valid if valid is not None else True)
-    return idx, valid
-
-
 def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, sel: Selection | None,
                      cfg: SparseConfig, scale: float, out: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """One decode step of one layer: queries ``q [B, H, D]`` (fp32) -> ``out [B, KVH, G, D]``.
 
-    Dense: every cached position (a windowed layer: its last ``window``). Sparse: the composed positions, read
-    straight from the store by the kernel (no gathered copy)."""
+    Dense: every cached position (a windowed layer: its last ``window``). Sparse: per row past the budget, the
+    sinks, the method's positions and the recent window, read in place from the store by the kernel (no gathered
+    copy); rows whose cache fits in the budget attend everything (exactly dense)."""
     b, h, d = q.shape
     kvh = store.kv_heads
     qg = q.view(b, kvh, h // kvh, d)
     k, v = store.k[layer, batch.lo:batch.hi], store.v[layer, batch.lo:batch.hi]
+    end = batch.lengths
     if sel is None:
-        end = batch.lengths
         begin = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
-        return kernels.attend(qg, k, v, scale, out, begin=begin, end=end)
-    idx, valid = compose(sel, batch, cfg)
-    return kernels.attend(qg, k, v, scale, out, idx=idx.contiguous(),
-                          valid=None if valid is None else valid.contiguous())
+        return kernels.attend(qg, k, v, scale, out, begin, end)
+    sparse = end > cfg.budget
+    pre = torch.where(sparse, cfg.sink, 0)
+    begin = torch.where(sparse, end - cfg.recent, 0)
+    return kernels.attend(qg, k, v, scale, out, begin, end, pre, sel.idx.contiguous(),
+                          None if sel.valid is None else sel.valid.contiguous(), use_idx=sparse)
 
 
 def asyncspade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

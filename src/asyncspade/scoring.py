@@ -8,26 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .kernels.reference import gather_rows
 
 _MASKED = -1e30   # finite: a row whose candidates are all masked must not turn into NaN
-
-
-def group_scores(q: torch.Tensor, keys: torch.Tensor, scale: float, valid: torch.Tensor | None = None,
-                 aggregate: str = "sum") -> torch.Tensor:
-    """Aggregated attention probability of every key, ``[B, KVH, n]`` (fp32).
-
-    ``valid`` is a bool mask ``[B, n]`` (or broadcastable to ``[B, KVH, n]``) of the candidate keys.
-    """
-    b, h, d = q.shape
-    kvh = keys.shape[1]
-    qg = q.view(b, kvh, h // kvh, d).to(keys.dtype)
-    s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale           # [B, KVH, g, n]
-    if valid is not None:
-        v = valid if valid.dim() == 3 else valid[:, None, :]
-        s = s.masked_fill(~v[:, :, None, :], _MASKED)
-    p = s.softmax(-1)
-    return p.sum(2) if aggregate == "sum" else p.amax(2)
 
 
 def candidate_mask(lo: int, hi: torch.Tensor, width: int) -> torch.Tensor:
@@ -35,18 +19,23 @@ def candidate_mask(lo: int, hi: torch.Tensor, width: int) -> torch.Tensor:
     return (torch.arange(lo, lo + width) < hi[:, None])
 
 
+def _grouped(q: torch.Tensor, kvh: int) -> torch.Tensor:
+    b, h, d = q.shape
+    return q.float().reshape(b, kvh, h // kvh, d).contiguous()
+
+
 def topk_tokens(q: torch.Tensor, keys: torch.Tensor, lo: int, hi: torch.Tensor, k: int, scale: float,
                 aggregate: str = "sum", min_width: int = 0) -> torch.Tensor:
     """Exact top-k token positions in ``[lo, hi[b])`` for each (row, KV head): ``[B, KVH, k]`` int64.
 
-    ``keys`` holds positions ``0..>=max(hi)``. Rows with fewer than k candidates return some masked positions;
-    callers only use the result for rows whose cache exceeds the budget, which always have enough.
+    ``keys`` (a store view) holds positions ``0..>=max(hi)``. Rows with fewer than k candidates return some masked
+    positions; callers only use the result for rows whose cache exceeds the budget, which always have enough.
     ``min_width`` widens the scored range (masked beyond ``hi``) so the result always has k columns.
     """
     width = min(max(int(hi.max()) - lo, min_width), keys.shape[2] - lo)
-    cand = keys[:, :, lo:lo + width]
-    p = group_scores(q, cand, scale, candidate_mask(lo, hi, width), aggregate)
-    return p.topk(min(k, width), dim=-1, sorted=False).indices + lo
+    p = kernels.score(_grouped(q, keys.shape[1]), keys, scale, lo=lo, hi=hi, n=width, aggregate=aggregate)
+    # in position order: attention sums in the order it is given, so the same set must always come in one order
+    return p.topk(min(k, width), dim=-1, sorted=False).indices.sort(-1).values + lo
 
 
 def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: int, scale: float,
@@ -54,10 +43,11 @@ def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: i
     """Exact top-k of the candidate positions ``cand_idx [B, KVH, m]`` (refinement step): ``[B, KVH, k]``.
     ``valid`` (same shape) masks candidates that must not be picked."""
     m = cand_idx.shape[-1]
-    sub = gather_rows(keys, cand_idx)                                      # [B, KVH, m, D]
-    p = group_scores(q, sub, scale, valid, aggregate)
+    cand_idx = cand_idx.contiguous()
+    p = kernels.score(_grouped(q, keys.shape[1]), keys, scale, idx=cand_idx,
+                      valid=None if valid is None else valid.contiguous(), aggregate=aggregate)
     pick = p.topk(min(k, m), dim=-1, sorted=False).indices
-    return cand_idx.gather(-1, pick)
+    return cand_idx.gather(-1, pick).sort(-1).values
 
 
 def quest_page_scores(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, scale: float) -> torch.Tensor:

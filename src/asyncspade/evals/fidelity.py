@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..attention import compose
 from ..cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
 from ..config import PREDICTORS, RIDGE_KINDS, SparseConfig
 from ..data import TRACES, trace_texts
@@ -124,6 +123,19 @@ class Meter:
         return [(b + 0.5) * self.bin_width for b, _ in cells], [s / n for _, (s, n) in cells]
 
 
+def attended_mask(sel, batch, cfg, n: int) -> torch.Tensor:
+    """``[B, KVH, n]`` bool: the positions a sparse decode step attends (sinks | selection | recent window), every
+    cached position for rows whose cache fits in the budget."""
+    b, kvh, _ = sel.idx.shape
+    w = torch.ones(sel.idx.shape) if sel.valid is None else sel.valid.float()
+    att = torch.zeros(b, kvh, n).scatter_add_(-1, sel.idx.clamp(max=n - 1), w) > 0
+    pos = torch.arange(n)
+    lengths = batch.lengths[:, None]
+    att |= ((pos < cfg.sink) | ((pos >= lengths - cfg.recent) & (pos < lengths)))[:, None, :]
+    dense = (batch.lengths <= cfg.budget)[:, None, None] & (pos < lengths)[:, None, :]
+    return att | dense
+
+
 class Probe:
     """``engine.rt.probe``: per sparse layer and decode step, what the selection covers, for rows past the budget."""
 
@@ -144,9 +156,7 @@ class Probe:
         # true dense attention of every query head
         s = torch.matmul(q.float().view(b, kvh, h // kvh, d), keys.float().transpose(-1, -2)) * self.rt.scale
         s = s.masked_fill((torch.arange(n) >= batch.lengths[:, None]).view(b, 1, 1, n), float("-inf"))
-        idx, valid = compose(sel, batch, cfg)
-        w = torch.ones(idx.shape) if valid is None else valid.float()
-        attended = torch.zeros(b, kvh, n).scatter_add_(-1, idx.clamp(max=n - 1), w) > 0
+        attended = attended_mask(sel, batch, cfg, n)
         recall = (s.softmax(-1) * attended[:, :, None]).sum(-1).mean((1, 2))
         self.meter.add("attn_recall", recall[rows], pos)
         if cfg.method != "oracle":

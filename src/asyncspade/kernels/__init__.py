@@ -27,7 +27,8 @@ from ..paths import cache_root
 SOURCE = pathlib.Path(__file__).with_name("decode.c")
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _I, _F, _I64, _I],
+    "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _I, _F, _I64,
+               _I],
     "score": [_P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
@@ -153,27 +154,35 @@ def _store_strides(k: torch.Tensor) -> tuple[int, int]:
     return sb, sh
 
 
+def _positions(idx: torch.Tensor, valid: torch.Tensor | None):
+    """Position lists and their mask in the one layout the kernels index: contiguous ``[B, KVH, n]`` each."""
+    idx = idx.contiguous()
+    return idx, None if valid is None else valid.expand(idx.shape).contiguous()
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor,
-           begin: torch.Tensor | None = None, end: torch.Tensor | None = None, idx: torch.Tensor | None = None,
-           valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode attention. ``q [B, KVH, G, D]`` fp32 contiguous; ``k, v [B, KVH, T, D]`` store views; either the
-    position range ``[begin[b], end[b])`` (int64 ``[B]``) or the positions ``idx [B, KVH, n]`` (int64, rows
-    contiguous) with ``valid`` (bool, same shape, or None). Writes ``out [B, KVH, G, D]`` (fp32 or bf16)."""
-    if not _use_c(q, k, out):
-        return out.copy_(reference.attend(q, k, v, scale, begin, end, idx, valid))
+           begin: torch.Tensor, end: torch.Tensor, pre: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+           valid: torch.Tensor | None = None, use_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention of ``q [B, KVH, G, D]`` (fp32, contiguous) over the store views ``k, v [B, KVH, T, D]``.
+
+    Row b attends the positions ``[0, pre[b])``, then ``idx[b, h]`` (int64 ``[B, KVH, n]``, rows contiguous;
+    entries masked by ``valid``, bool of the same layout; only rows with ``use_idx[b]`` when given), then
+    ``[begin[b], end[b])``. Dense attention is just ``begin, end``; sparse attention is sinks | selection | recent
+    window, read in place from the store. Writes ``out [B, KVH, G, D]`` (fp32 or bf16)."""
     b, kvh, g, d = q.shape
+    if pre is None:
+        pre = torch.zeros_like(begin)
+    if not _use_c(q, k, out):
+        return out.copy_(reference.attend(q, k, v, scale, begin, end, pre, idx, valid, use_idx))
     sb, sh = _store_strides(k)
-    threads = torch.get_num_threads()
+    n = ib = ih = 0
     if idx is not None:
+        idx, valid = _positions(idx, valid)
         n = idx.shape[-1]
         ib, ih = idx.stride(0), idx.stride(1)
-        assert idx.stride(2) == 1 and (valid is None or valid.stride() == idx.stride())
-    else:
-        n = int((end - begin).max())
-        ib = ih = 0
-    chunk = CHUNK
-    _lib.attend(_ptr(q), _ptr(k), _ptr(v), _bf(k), sb, sh, _ptr(begin), _ptr(end), _ptr(idx), _ptr(valid), n, ib, ih,
-                _ptr(out), _bf(out), b, kvh, g, d, scale, chunk, threads)
+    _lib.attend(_ptr(q), _ptr(k), _ptr(v), _bf(k), sb, sh, _ptr(pre), _ptr(begin), _ptr(end), _ptr(use_idx),
+                _ptr(idx), _ptr(valid), n, ib, ih, _ptr(out), _bf(out), b, kvh, g, d, scale, CHUNK,
+                torch.get_num_threads())
     return out
 
 
@@ -187,9 +196,9 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
     b, kvh, g, d = q.shape
     sb, sh = _store_strides(k)
     if idx is not None:
+        idx, valid = _positions(idx, valid)
         n = idx.shape[-1]
         ib, ih = idx.stride(0), idx.stride(1)
-        assert idx.stride(2) == 1 and (valid is None or valid.stride() == idx.stride())
     else:
         ib = ih = 0
     out = torch.empty(b, kvh, n)

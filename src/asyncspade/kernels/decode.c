@@ -57,80 +57,345 @@ static inline void store_row(void *base, int bf, int64_t off, int n, const float
 
 #define MAXG 32       /* query heads per KV head */
 #define MAXD 256      /* head dim */
-#define BLOCK 64      /* positions scored at once (exp and max over a block vectorize) */
 
-/* ------------------------------------------------------------------------------------------------ attention */
+/* ------------------------------------------------------------------------------------------------ dot products */
 
-/* Partial attention of one (row, KV head) over positions pos[0..n) (or begin..begin+n when pos is NULL):
- * running max m[g], sum l[g], unnormalised output acc[g][D]. Templated on the store dtype for the inner loops. */
-#define PARTIAL(NAME, T, CONV)                                                                                   \
-static void NAME(const float *q, const T *K, const T *V, const int64_t *pos, const uint8_t *valid, int64_t begin, \
-                 int64_t n, int G, int D, float scale, float *m, float *l, float *acc) {                       \
-    float s[MAXG][BLOCK];                                                                                      \
-    for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.f; }                                              \
-    memset(acc, 0, sizeof(float) * (size_t)G * D);                                                             \
+#define BLOCK 16      /* positions scored at once: one vector of scores per query head */
+
+/* s[g * BLOCK + j] = q_g . K[p_j] for the nb <= BLOCK rows at rowoff[j] (element offsets into K). */
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline __m512 ld16(const void *base, int bf, int64_t off) {
+    if (bf) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const bf16 *)base + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + off);
+}
+
+/* r[j] = sum of the lanes of v[j], j < 16 (a transpose-reduce: 15 adds instead of 16 horizontal sums). */
+static inline __m512 hsum16(__m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+static void dots(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, int G, int D, float *s) {
+    int DV = D / 16;
+    __m512 part[16];
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + g * D;
+        for (int j = 0; j < BLOCK; j++) {
+            if (j >= nb) { part[j] = _mm512_setzero_ps(); continue; }
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), ld16(K, bf, rowoff[j]));
+            for (int v = 1; v < DV; v++)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), ld16(K, bf, rowoff[j] + 16 * v), acc);
+            part[j] = acc;
+        }
+        _mm512_storeu_ps(s + g * BLOCK, hsum16(part));
+    }
+}
+
+static inline int vec_ok(int D) { return D % 16 == 0; }
+
+/* exp(x) for 16 lanes: 2^(x log2 e) = 2^n * 2^f, |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative
+ * error ~1e-7); lanes in ``zero`` (masked scores) give exactly 0. */
+static inline __m512 exp512(__m512 x, __mmask16 zero) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471806f));
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_maskz_mov_ps((__mmask16)~zero, _mm512_scalef_ps(p, n));
+}
+
+#define MAXDV 16
+
+/* The common shapes (G <= 4 query heads per KV head, head dim 64 or 128) with G and D known at compile time: the
+ * queries and the output accumulators live in registers, each K/V row is converted from bf16 once. */
+#define DEF_RUN(NAME, GG, DVV)                                                                                  \
+static void NAME(const float *q, const void *K, const void *V, int bf, const int64_t *pos, const uint8_t *valid, \
+                 int64_t begin, int64_t n, float scale, float *m, float *l, float *accp) {                      \
+    enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
+    __m512 qv[G][DV], acc[G][DV];                                                                              \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) { qv[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);                         \
+                                       acc[g][v] = _mm512_loadu_ps(accp + g * D + 16 * v); }                    \
+    float p[G][BLOCK];                                                                                         \
+    int64_t rowoff[BLOCK];                                                                                     \
+    __m512 part[G][BLOCK];                                                                                     \
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                                \
         int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);                                                       \
+        __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);                                        \
         for (int j = 0; j < nb; j++) {                                                                         \
-            int64_t p = pos ? pos[j0 + j] : begin + j0 + j;                                                    \
-            const T *kr = K + p * D;                                                                           \
-            float kf[MAXD];                                                                                    \
-            for (int d = 0; d < D; d++) kf[d] = CONV(kr[d]);                                                   \
-            int ok = !valid || valid[j0 + j];                                                                  \
+            rowoff[j] = (pos ? pos[j0 + j] : begin + j0 + j) * D;                                              \
+            if (pos && valid && !valid[j0 + j]) bad |= (__mmask16)(1u << j);                                   \
+        }                                                                                                      \
+        for (int j = 0; j < BLOCK; j++) {                                                                      \
+            if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }            \
+            __m512 kr[DV];                                                                                     \
+            for (int v = 0; v < DV; v++) kr[v] = ld16(K, bf, rowoff[j] + 16 * v);                              \
             for (int g = 0; g < G; g++) {                                                                      \
-                const float *qg = q + g * D;                                                                   \
-                float dot = 0.f;                                                                               \
-                for (int d = 0; d < D; d++) dot += qg[d] * kf[d];                                              \
-                s[g][j] = ok ? dot * scale : -INFINITY;                                                        \
+                __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);                                                     \
+                for (int v = 1; v < DV; v++) t = _mm512_fmadd_ps(qv[g][v], kr[v], t);                          \
+                part[g][j] = t;                                                                                \
             }                                                                                                  \
         }                                                                                                      \
         for (int g = 0; g < G; g++) {                                                                          \
-            float mx = m[g];                                                                                   \
-            for (int j = 0; j < nb; j++) mx = s[g][j] > mx ? s[g][j] : mx;                                     \
-            if (mx == -INFINITY) { for (int j = 0; j < nb; j++) s[g][j] = 0.f; continue; }                    \
-            float alpha = expf(m[g] - mx);                                                                     \
-            float sum = 0.f;                                                                                   \
-            for (int j = 0; j < nb; j++) { float e = expf(s[g][j] - mx); s[g][j] = e; sum += e; }              \
-            l[g] = l[g] * alpha + sum;                                                                         \
+            __m512 sg = _mm512_mul_ps(hsum16(part[g]), _mm512_set1_ps(scale));                                 \
+            sg = _mm512_mask_mov_ps(sg, bad, _mm512_set1_ps(-INFINITY));                                       \
+            float mx = _mm512_reduce_max_ps(sg);                                                               \
+            mx = mx > m[g] ? mx : m[g];                                                                        \
+            if (mx == -INFINITY) { _mm512_storeu_ps(p[g], _mm512_setzero_ps()); continue; }                   \
+            __m512 e = exp512(_mm512_sub_ps(sg, _mm512_set1_ps(mx)), bad);                                     \
+            float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);                                           \
+            l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);                                                     \
             m[g] = mx;                                                                                         \
-            if (alpha != 1.f) for (int d = 0; d < D; d++) acc[g * D + d] *= alpha;                            \
+            _mm512_storeu_ps(p[g], e);                                                                         \
+            if (alpha != 1.f) {                                                                                \
+                __m512 a = _mm512_set1_ps(alpha);                                                              \
+                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_mul_ps(a, acc[g][v]);                          \
+            }                                                                                                  \
         }                                                                                                      \
         for (int j = 0; j < nb; j++) {                                                                         \
-            int64_t p = pos ? pos[j0 + j] : begin + j0 + j;                                                    \
-            const T *vr = V + p * D;                                                                           \
-            float vf[MAXD];                                                                                    \
-            for (int d = 0; d < D; d++) vf[d] = CONV(vr[d]);                                                   \
+            __m512 vr[DV];                                                                                     \
+            for (int v = 0; v < DV; v++) vr[v] = ld16(V, bf, rowoff[j] + 16 * v);                              \
             for (int g = 0; g < G; g++) {                                                                      \
-                float w = s[g][j];                                                                             \
-                float *a = acc + g * D;                                                                        \
-                for (int d = 0; d < D; d++) a[d] += w * vf[d];                                                 \
+                __m512 w = _mm512_set1_ps(p[g][j]);                                                            \
+                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_fmadd_ps(w, vr[v], acc[g][v]);                 \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) _mm512_storeu_ps(accp + g * D + 16 * v, acc[g][v]);                      \
 }
 
-static inline float id_f32(float x) { return x; }
-PARTIAL(partial_bf16, bf16, bf2f)
-PARTIAL(partial_f32, float, id_f32)
+DEF_RUN(run_g1_d64, 1, 4)
+DEF_RUN(run_g2_d64, 2, 4)
+DEF_RUN(run_g3_d64, 3, 4)
+DEF_RUN(run_g4_d64, 4, 4)
+DEF_RUN(run_g1_d128, 1, 8)
+DEF_RUN(run_g2_d128, 2, 8)
+DEF_RUN(run_g3_d128, 3, 8)
+DEF_RUN(run_g4_d128, 4, 8)
 
-/* q:      [B, KVH, G, D] fp32 (contiguous)
- * k, v:   the store's [B, KVH, T, D] view of one layer (row stride D), strides sb, sh in elements
- * begin, end: [B] positions attended (dense or window) when idx is NULL
- * idx:    [B, KVH, n_idx] positions (sparse), strides ib, ih; valid: same layout (or NULL)
- * out:    [B, KVH, G, D], fp32 or bf16 (out_bf16)
- * chunk:  positions per work item (the sequence split across threads) */
-void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t sb, int64_t sh,
-            const int64_t *begin, const int64_t *end, const int64_t *idx, const uint8_t *valid, int64_t n_idx,
-            int64_t ib, int64_t ih, void *out, int out_bf16, int B, int KVH, int G, int D, float scale,
-            int64_t chunk, int nthreads) {
-    /* work items: (b, h, c) for every chunk c of row b's positions */
+/* Block dot products with G and D known at compile time (each K row converted once): s[g * BLOCK + j]. */
+#define DEF_DOTS(NAME, GG, DVV)                                                                                 \
+static void NAME(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, float *s) {             \
+    enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
+    __m512 qv[G][DV], part[G][BLOCK];                                                                          \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) qv[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);                           \
+    for (int j = 0; j < BLOCK; j++) {                                                                          \
+        if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }                \
+        __m512 kr[DV];                                                                                         \
+        for (int v = 0; v < DV; v++) kr[v] = ld16(K, bf, rowoff[j] + 16 * v);                                  \
+        for (int g = 0; g < G; g++) {                                                                          \
+            __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);                                                         \
+            for (int v = 1; v < DV; v++) t = _mm512_fmadd_ps(qv[g][v], kr[v], t);                              \
+            part[g][j] = t;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int g = 0; g < G; g++) _mm512_storeu_ps(s + g * BLOCK, hsum16(part[g]));                              \
+}
+
+DEF_DOTS(dots_g1_d64, 1, 4)
+DEF_DOTS(dots_g2_d64, 2, 4)
+DEF_DOTS(dots_g3_d64, 3, 4)
+DEF_DOTS(dots_g4_d64, 4, 4)
+DEF_DOTS(dots_g1_d128, 1, 8)
+DEF_DOTS(dots_g2_d128, 2, 8)
+DEF_DOTS(dots_g3_d128, 3, 8)
+DEF_DOTS(dots_g4_d128, 4, 8)
+
+typedef void (*dots_fn)(const float *, const void *, int, const int64_t *, int, float *);
+
+static dots_fn special_dots(int G, int D) {
+    static const dots_fn d64[4] = {dots_g1_d64, dots_g2_d64, dots_g3_d64, dots_g4_d64};
+    static const dots_fn d128[4] = {dots_g1_d128, dots_g2_d128, dots_g3_d128, dots_g4_d128};
+    if (G < 1 || G > 4) return NULL;
+    return D == 64 ? d64[G - 1] : D == 128 ? d128[G - 1] : NULL;
+}
+
+typedef void (*run_fn)(const float *, const void *, const void *, int, const int64_t *, const uint8_t *, int64_t,
+                       int64_t, float, float *, float *, float *);
+
+static run_fn special_run(int G, int D) {
+    static const run_fn d64[4] = {run_g1_d64, run_g2_d64, run_g3_d64, run_g4_d64};
+    static const run_fn d128[4] = {run_g1_d128, run_g2_d128, run_g3_d128, run_g4_d128};
+    if (G < 1 || G > 4) return NULL;
+    return D == 64 ? d64[G - 1] : D == 128 ? d128[G - 1] : NULL;
+}
+
+/* attend_run for D a multiple of 16: scores, softmax and the V accumulation in 16-lane vectors. */
+static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const int64_t *pos,
+                           const uint8_t *valid, int64_t begin, int64_t n, int G, int D, float scale, float *m,
+                           float *l, float *acc) {
+    run_fn fast = special_run(G, D);
+    if (fast) { fast(q, K, V, bf, pos, valid, begin, n, scale, m, l, acc); return; }
+    int DV = D / 16;
+    float s[MAXG * BLOCK];
+    int64_t rowoff[BLOCK];
+    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
+        int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);
+        __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);
+        for (int j = 0; j < nb; j++) {
+            rowoff[j] = (pos ? pos[j0 + j] : begin + j0 + j) * D;
+            if (pos && valid && !valid[j0 + j]) bad |= (__mmask16)(1u << j);
+        }
+        dots(q, K, bf, rowoff, nb, G, D, s);
+        for (int g = 0; g < G; g++) {
+            __m512 sg = _mm512_mul_ps(_mm512_loadu_ps(s + g * BLOCK), _mm512_set1_ps(scale));
+            sg = _mm512_mask_mov_ps(sg, bad, _mm512_set1_ps(-INFINITY));
+            float mx = _mm512_reduce_max_ps(sg);
+            mx = mx > m[g] ? mx : m[g];
+            if (mx == -INFINITY) { _mm512_storeu_ps(s + g * BLOCK, _mm512_setzero_ps()); continue; }
+            __m512 e = exp512(_mm512_sub_ps(sg, _mm512_set1_ps(mx)), bad);
+            float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);
+            l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);
+            m[g] = mx;
+            _mm512_storeu_ps(s + g * BLOCK, e);
+            if (alpha != 1.f) {
+                __m512 a = _mm512_set1_ps(alpha);
+                for (int v = 0; v < DV; v++)
+                    _mm512_storeu_ps(acc + g * D + 16 * v, _mm512_mul_ps(a, _mm512_loadu_ps(acc + g * D + 16 * v)));
+            }
+        }
+        for (int j = 0; j < nb; j++) {
+            __m512 vv[MAXDV];
+            for (int v = 0; v < DV; v++) vv[v] = ld16(V, bf, rowoff[j] + 16 * v);
+            for (int g = 0; g < G; g++) {
+                __m512 w = _mm512_set1_ps(s[g * BLOCK + j]);
+                float *a = acc + g * D;
+                for (int v = 0; v < DV; v++)
+                    _mm512_storeu_ps(a + 16 * v, _mm512_fmadd_ps(w, vv[v], _mm512_loadu_ps(a + 16 * v)));
+            }
+        }
+    }
+}
+#else
+static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const int64_t *pos,
+                           const uint8_t *valid, int64_t begin, int64_t n, int G, int D, float scale, float *m,
+                           float *l, float *acc) {
+    (void)q; (void)K; (void)V; (void)bf; (void)pos; (void)valid; (void)begin; (void)n; (void)G; (void)D;
+    (void)scale; (void)m; (void)l; (void)acc;
+}
+static void dots(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, int G, int D, float *s) {
+    (void)q; (void)K; (void)bf; (void)rowoff; (void)nb; (void)G; (void)D; (void)s;
+}
+static inline int vec_ok(int D) { (void)D; return 0; }
+#endif
+
+static void dots_scalar(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, int G, int D,
+                        float *s) {
+    float kf[MAXD];
+    for (int j = 0; j < nb; j++) {
+        load_row(K, bf, rowoff[j], D, kf);
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            float dot = 0.f;
+            for (int d = 0; d < D; d++) dot += qg[d] * kf[d];
+            s[g * BLOCK + j] = dot;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ attention */
+
+/* A run of positions: pos[0..n) if pos, else begin + [0, n); valid (with pos) masks entries. */
+typedef struct { const int64_t *pos; const uint8_t *valid; int64_t begin, n; } run_t;
+
+/* Fold the positions of ``r`` into one (row, KV head)'s online-softmax state: running max m[g], sum l[g],
+ * unnormalised output acc[g][D]. K/V point at that (row, head)'s [T, D] rows. */
+static void attend_run(const float *q, const void *K, const void *V, int bf, run_t r, int G, int D, float scale,
+                       float *m, float *l, float *acc) {
+    if (vec_ok(D)) {
+        attend_run_vec(q, K, V, bf, r.pos, r.valid, r.begin, r.n, G, D, scale, m, l, acc);
+        return;
+    }
+    float s[MAXG * BLOCK];
+    int64_t rowoff[BLOCK];
+    float vf[MAXD];
+    for (int64_t j0 = 0; j0 < r.n; j0 += BLOCK) {
+        int nb = (int)(r.n - j0 < BLOCK ? r.n - j0 : BLOCK);
+        for (int j = 0; j < nb; j++) rowoff[j] = (r.pos ? r.pos[j0 + j] : r.begin + j0 + j) * D;
+        dots_scalar(q, K, bf, rowoff, nb, G, D, s);
+        for (int g = 0; g < G; g++) {
+            float *sg = s + g * BLOCK;
+            float mx = m[g];
+            for (int j = 0; j < nb; j++) {
+                int ok = !(r.pos && r.valid) || r.valid[j0 + j];
+                sg[j] = ok ? sg[j] * scale : -INFINITY;
+                mx = sg[j] > mx ? sg[j] : mx;
+            }
+            if (mx == -INFINITY) { for (int j = 0; j < nb; j++) sg[j] = 0.f; continue; }
+            float alpha = expf(m[g] - mx);
+            float sum = 0.f;
+            for (int j = 0; j < nb; j++) { float e = expf(sg[j] - mx); sg[j] = e; sum += e; }
+            l[g] = l[g] * alpha + sum;
+            m[g] = mx;
+            if (alpha != 1.f) for (int d = 0; d < D; d++) acc[g * D + d] *= alpha;
+        }
+        for (int j = 0; j < nb; j++) {
+            load_row(V, bf, rowoff[j], D, vf);
+            for (int g = 0; g < G; g++) {
+                float w = s[g * BLOCK + j];
+                float *a = acc + g * D;
+                for (int d = 0; d < D; d++) a[d] += w * vf[d];
+            }
+        }
+    }
+}
+
+/* The positions row b attends, as one virtual sequence: [0, pre[b]) | idx[b, h, :n_idx] (if use_idx[b]) |
+ * [begin[b], end[b]). Returns the number of runs written to out for the virtual slice [lo, hi). */
+static int slice_runs(int64_t pre, const int64_t *idx, const uint8_t *valid, int64_t n_idx, int64_t begin,
+                      int64_t end, int64_t lo, int64_t hi, run_t *out) {
+    int k = 0;
+    int64_t seg[3][2] = {{0, pre}, {pre, pre + n_idx}, {pre + n_idx, pre + n_idx + (end - begin)}};
+    for (int i = 0; i < 3; i++) {
+        int64_t a = lo > seg[i][0] ? lo : seg[i][0], z = hi < seg[i][1] ? hi : seg[i][1];
+        if (z <= a) continue;
+        run_t r = {NULL, NULL, 0, z - a};
+        if (i == 0) r.begin = a;
+        else if (i == 1) { r.pos = idx + (a - pre); r.valid = valid ? valid + (a - pre) : NULL; }
+        else r.begin = begin + (a - pre - n_idx);
+        out[k++] = r;
+    }
+    return k;
+}
+
+/* q:        [B, KVH, G, D] fp32 (contiguous)
+ * k, v:     the store's [B, KVH, T, D] view of one layer (row stride D), strides sb, sh in elements
+ * pre, begin, end: [B]; use_idx: [B] (uint8) or NULL; idx/valid: [B, KVH, n_idx] (strides ib, ih) or NULL
+ * out:      [B, KVH, G, D], fp32 or bf16 (out_bf16)
+ * chunk:    virtual positions per work item (the sequence split across threads, a fixed size so the result does
+ *           not depend on the thread count) */
+void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t sb, int64_t sh, const int64_t *pre,
+            const int64_t *begin, const int64_t *end, const uint8_t *use_idx, const int64_t *idx,
+            const uint8_t *valid, int64_t n_idx, int64_t ib, int64_t ih, void *out, int out_bf16, int B, int KVH,
+            int G, int D, float scale, int64_t chunk, int nthreads) {
     int64_t *first = malloc(sizeof(int64_t) * (B + 1));
     first[0] = 0;
     for (int b = 0; b < B; b++) {
-        int64_t n = idx ? n_idx : end[b] - begin[b];
-        if (n < 0) n = 0;
-        int64_t nc = (n + chunk - 1) / chunk;
-        if (nc < 1) nc = 1;
+        int64_t n = pre[b] + ((idx && (!use_idx || use_idx[b])) ? n_idx : 0) + (end[b] - begin[b]);
+        int64_t nc = n > 0 ? (n + chunk - 1) / chunk : 1;
         first[b + 1] = first[b] + nc * KVH;
     }
     int64_t items = first[B];
@@ -140,24 +405,21 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
     for (int64_t it = 0; it < items; it++) {
         int b = 0;
         while (first[b + 1] <= it) b++;
-        int64_t local = it - first[b];
         int64_t nc = (first[b + 1] - first[b]) / KVH;
-        int h = (int)(local / nc);
-        int64_t c = local % nc;
-        int64_t n = idx ? n_idx : end[b] - begin[b];
-        int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        int h = (int)((it - first[b]) / nc);
+        int64_t c = (it - first[b]) % nc;
+        int64_t ni = (idx && (!use_idx || use_idx[b])) ? n_idx : 0;
         float *pm = part + it * stride, *pl = pm + G, *pa = pl + G;
+        for (int g = 0; g < G; g++) { pm[g] = -INFINITY; pl[g] = 0.f; }
+        memset(pa, 0, sizeof(float) * (size_t)G * D);
+        const int64_t *ix = ni ? idx + b * ib + h * ih : NULL;
+        const uint8_t *va = (ni && valid) ? valid + b * ib + h * ih : NULL;
+        run_t runs[3];
+        int nr = slice_runs(pre[b], ix, va, ni, begin[b], end[b], c * chunk, (c + 1) * chunk, runs);
+        const char *kb = (const char *)k + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
+        const char *vb = (const char *)v + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
         const float *qh = q + ((int64_t)b * KVH + h) * G * D;
-        const int64_t *pos = idx ? idx + b * ib + h * ih + lo : NULL;
-        const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih + lo : NULL;
-        int64_t base = b * sb + h * sh;
-        int64_t cnt = hi > lo ? hi - lo : 0;
-        if (kv_bf16)
-            partial_bf16(qh, (const bf16 *)k + base, (const bf16 *)v + base, pos, val, idx ? 0 : begin[b] + lo, cnt,
-                         G, D, scale, pm, pl, pa);
-        else
-            partial_f32(qh, (const float *)k + base, (const float *)v + base, pos, val, idx ? 0 : begin[b] + lo, cnt,
-                        G, D, scale, pm, pl, pa);
+        for (int i = 0; i < nr; i++) attend_run(qh, kb, vb, kv_bf16, runs[i], G, D, scale, pm, pl, pa);
     }
     /* merge the chunks of each (b, h) */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -192,55 +454,149 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
 /* ------------------------------------------------------------------------------------------------ selection */
 
 /* Aggregated probability of candidate keys, for top-k selection.
- * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked beyond
- * hi[b] (idx NULL), or idx [B, KVH, n] with valid (may be NULL); out [B, KVH, n] fp32. agg_max: max over the
- * group instead of sum. Masked candidates get -1 (below any probability). */
+ * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked from
+ * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL); out [B, KVH, n] fp32. agg_max: max over the
+ * group instead of sum. Masked candidates get -1 (below any probability).
+ * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores
+ * and each chunk's softmax statistics; per (row, head, query head) the merged max and sum; the probabilities. */
+static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
+                       int64_t *p) {
+    *p = pos ? pos[j] : lo + j;
+    return pos ? (!val || val[j]) : (*p < hi[b]);
+}
+
 void score(const float *q, const void *k, int kv_bf16, int64_t sb, int64_t sh, int64_t lo, const int64_t *hi,
            const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out, int B, int KVH,
            int G, int D, float scale, int agg_max, int nthreads) {
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t bh = 0; bh < (int64_t)B * KVH; bh++) {
-        int b = (int)(bh / KVH), h = (int)(bh % KVH);
-        const float *qh = q + bh * G * D;
-        const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
-        const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih : NULL;
-        int64_t base = b * sb + h * sh;
-        float *o = out + bh * n;
-        float *s = malloc(sizeof(float) * (size_t)G * n);
-        float mx[MAXG], sum[MAXG];
-        for (int g = 0; g < G; g++) { mx[g] = -INFINITY; sum[g] = 0.f; }
-        for (int64_t j = 0; j < n; j++) {
-            int64_t p = pos ? pos[j] : lo + j;
-            int ok = pos ? (!val || val[j]) : (p < hi[b]);
-            float kf[MAXD];
-            if (ok) load_row(k, kv_bf16, base + p * D, D, kf);
+    int vec = vec_ok(D);
+#ifdef __AVX512F__
+    dots_fn fast = vec ? special_dots(G, D) : NULL;
+#endif
+    const int64_t CH = 1024;
+    int64_t nc = (n + CH - 1) / CH;
+    int64_t items = (int64_t)B * KVH * nc;
+    float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);          /* [B, KVH, G, n] scaled scores */
+    float *stat = malloc(sizeof(float) * (size_t)items * G * 2);         /* per chunk and query head: max, sum */
+    float *glob = malloc(sizeof(float) * (size_t)B * KVH * G * 2);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t bh = it / nc, c = it % nc;
+            int b = (int)(bh / KVH), h = (int)(bh % KVH);
+            const float *qh = q + bh * G * D;
+            const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
+            const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih : NULL;
+            const char *kb = (const char *)k + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
+            float *sbh = s + bh * G * n, *st = stat + it * G * 2;
+            float blk[MAXG * BLOCK];
+            int64_t rowoff[BLOCK];
+            for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
+            int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+            for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
+                int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
+                for (int j = 0; j < nb; j++) {
+                    int64_t p;
+                    rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? p * D : 0;   /* masked: row 0 (valid) */
+                }
+#ifdef __AVX512F__
+                if (fast) fast(qh, kb, kv_bf16, rowoff, nb, blk);
+                else
+#endif
+                if (vec) dots(qh, kb, kv_bf16, rowoff, nb, G, D, blk);
+                else dots_scalar(qh, kb, kv_bf16, rowoff, nb, G, D, blk);
+                for (int j = 0; j < nb; j++) {
+                    int64_t p;
+                    int ok = cand(pos, val, lo, hi, b, j0 + j, &p);
+                    for (int g = 0; g < G; g++) {
+                        float x = ok ? blk[g * BLOCK + j] * scale : -INFINITY;
+                        sbh[g * n + j0 + j] = x;
+                        st[2 * g] = x > st[2 * g] ? x : st[2 * g];
+                    }
+                }
+            }
             for (int g = 0; g < G; g++) {
-                float dot = 0.f;
-                if (ok) { const float *qg = qh + g * D; for (int d = 0; d < D; d++) dot += qg[d] * kf[d]; }
-                float x = ok ? dot * scale : -INFINITY;
-                s[g * n + j] = x;
-                mx[g] = x > mx[g] ? x : mx[g];
+                float mx = st[2 * g], acc = 0.f;
+                if (mx == -INFINITY) continue;
+                int64_t j = c * CH;
+#ifdef __AVX512F__
+                __m512 va = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+                for (; j + 16 <= c1; j += 16) {
+                    __m512 x = _mm512_loadu_ps(sbh + g * n + j);
+                    va = _mm512_add_ps(va, exp512(_mm512_sub_ps(x, vm), _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ)));
+                }
+                acc = _mm512_reduce_add_ps(va);
+#endif
+                for (; j < c1; j++) acc += expf(sbh[g * n + j] - mx);
+                st[2 * g + 1] = acc;
             }
         }
-        for (int g = 0; g < G; g++) {
-            float *sg = s + g * n;
-            if (mx[g] == -INFINITY) continue;
-            float acc = 0.f;
-            for (int64_t j = 0; j < n; j++) { float e = expf(sg[j] - mx[g]); sg[j] = e; acc += e; }
-            sum[g] = acc;
+        #pragma omp for schedule(static)
+        for (int64_t bhg = 0; bhg < (int64_t)B * KVH * G; bhg++) {
+            int64_t bh = bhg / G;
+            int g = (int)(bhg % G);
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t c = 0; c < nc; c++) { float m = stat[((bh * nc + c) * G + g) * 2]; mx = m > mx ? m : mx; }
+            if (mx != -INFINITY)
+                for (int64_t c = 0; c < nc; c++) {
+                    const float *st = stat + ((bh * nc + c) * G + g) * 2;
+                    if (st[0] != -INFINITY) sum += st[1] * expf(st[0] - mx);
+                }
+            glob[bhg * 2] = mx;
+            glob[bhg * 2 + 1] = sum;
         }
-        for (int64_t j = 0; j < n; j++) {
-            int64_t p = pos ? pos[j] : lo + j;
-            int ok = pos ? (!val || val[j]) : (p < hi[b]);
-            float a = 0.f;
-            for (int g = 0; g < G; g++) {
-                float pr = sum[g] > 0.f ? s[g * n + j] / sum[g] : 0.f;
-                a = agg_max ? (pr > a ? pr : a) : a + pr;
+        #pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t bh = it / nc, c = it % nc;
+            int b = (int)(bh / KVH), h = (int)(bh % KVH);
+            const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
+            const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih : NULL;
+            const float *sbh = s + bh * G * n;
+            float *o = out + bh * n;
+            int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+            int64_t j = c * CH;
+#ifdef __AVX512F__
+            __m512 ninf = _mm512_set1_ps(-INFINITY);
+            for (; j + 16 <= c1; j += 16) {
+                __m512 a = _mm512_setzero_ps();
+                __mmask16 any = 0;
+                for (int g = 0; g < G; g++) {
+                    float mx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
+                    if (sum <= 0.f) continue;
+                    __m512 x = _mm512_loadu_ps(sbh + g * n + j);
+                    __mmask16 bad = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
+                    __m512 pr = _mm512_mul_ps(exp512(_mm512_sub_ps(x, _mm512_set1_ps(mx)), bad),
+                                              _mm512_set1_ps(1.f / sum));
+                    a = agg_max ? _mm512_max_ps(a, pr) : _mm512_add_ps(a, pr);
+                    any |= (__mmask16)~bad;
+                }
+                __mmask16 ok = 0;
+                for (int t = 0; t < 16; t++) {
+                    int64_t p;
+                    if (cand(pos, val, lo, hi, b, j + t, &p)) ok |= (__mmask16)(1u << t);
+                }
+                _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok & any, a));
             }
-            o[j] = ok ? a : -1.f;
+#endif
+            for (; j < c1; j++) {
+                float a = 0.f;
+                int any = 0;
+                for (int g = 0; g < G; g++) {
+                    float mx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
+                    float x = sbh[g * n + j];
+                    if (sum <= 0.f || x == -INFINITY) continue;
+                    float pr = expf(x - mx) / sum;
+                    any = 1;
+                    a = agg_max ? (pr > a ? pr : a) : a + pr;
+                }
+                int64_t p;
+                o[j] = (cand(pos, val, lo, hi, b, j, &p) && any) ? a : -1.f;
+            }
         }
-        free(s);
     }
+    free(glob);
+    free(stat);
+    free(s);
 }
 
 /* ------------------------------------------------------------------------------------------------ layer glue */

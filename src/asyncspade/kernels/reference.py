@@ -23,22 +23,25 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.index_select(0, flat).view(b, kvh, idx.shape[-1], d)
 
 
-def attend(q, k, v, scale, begin=None, end=None, idx=None, valid=None) -> torch.Tensor:
-    """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`)."""
-    b = q.shape[0]
-    if idx is not None:
-        kk, vv = gather_rows(k, idx), gather_rows(v, idx)
-        mask = None if valid is None else valid.unsqueeze(2)
-        out = F.scaled_dot_product_attention(q.to(kk.dtype), kk, vv, attn_mask=mask, scale=scale)
-        if valid is not None:        # a row with nothing valid attends to nothing (the C kernel writes zeros)
-            out = out.masked_fill(~valid.any(-1)[:, :, None, None], 0)
-        return out.float()
-    rows = []
+def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=None) -> torch.Tensor:
+    """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`), one (row, head) at a
+    time over its explicit list of positions."""
+    b, kvh, g, d = q.shape
+    out = torch.zeros(b, kvh, g, d)
     for r in range(b):
-        lo, hi = int(begin[r]), int(end[r])
-        kr, vr = k[r:r + 1, :, lo:hi], v[r:r + 1, :, lo:hi]
-        rows.append(F.scaled_dot_product_attention(q[r:r + 1].to(kr.dtype), kr, vr, scale=scale).float())
-    return torch.cat(rows)
+        for h in range(kvh):
+            pos = [torch.arange(int(pre[r]) if pre is not None else 0)]
+            if idx is not None and (use_idx is None or bool(use_idx[r])):
+                sel = idx[r, h] if valid is None else idx[r, h][valid[r, h]]
+                pos.append(sel)
+            pos.append(torch.arange(int(begin[r]), int(end[r])))
+            pos = torch.cat(pos)
+            if pos.numel() == 0:
+                continue                      # nothing to attend: zeros, as the C kernel writes
+            kk, vv = k[r, h, pos].float(), v[r, h, pos].float()
+            p = (q[r, h].float() @ kk.t() * scale).softmax(-1)
+            out[r, h] = p @ vv
+    return out
 
 
 def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum") -> torch.Tensor:
@@ -62,7 +65,7 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def qkv_post(qkv, bias, q_norm, k_norm, eps, cos, sin, slot, pos, k_store, v_store, heads, kv_heads, q_out) -> None:
     n = qkv.shape[0]
-    d = k_store.shape[-1]
+    d = q_out.shape[-1]
     x = qkv.float()
     if bias is not None:
         x = x + bias
