@@ -20,10 +20,13 @@ from datetime import datetime, timezone
 import torch
 from tqdm import tqdm
 
-from .cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
+from .arch import head_dim
+from .cli import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load, methods_from_args,
+                  sparse_from_args)
 from .data import PROSE
-from .engine import Engine
+from .engine import Engine, kv_store_dtype
 from .kvcache import KVStore
+from .roofline import kv_bytes, read_bandwidth
 from .sampling import SamplingParams
 
 AHEAD = ("lastq", "asyncspade")
@@ -45,6 +48,11 @@ def add_arguments(p) -> None:
     g.add_argument("--fill", type=int, default=2048, help="tokens of real prefill the cache is tiled from")
     g.add_argument("--vs-hf", action="store_true",
                    help="instead: our engine (full) vs Hugging Face generate (sdpa), in fp32 and bf16")
+    g.add_argument("--roofline", action="store_true",
+                   help="measure the machine's read bandwidth (1 and 2 threads) and print next to every row the bytes "
+                   "its decode step reads and the time those bytes take at that bandwidth (the byte floor)")
+    g.add_argument("--peer", default=None, metavar="PATH.json",
+                   help="llama.cpp timings from scripts/peer_llamacpp.py --json, shown beside full at each context")
     g.add_argument("--json", default=None, help="write the rows and the machine description here")
     g.add_argument("--plot", default=None, help="write a TPOT-vs-context plot here (PNG)")
 
@@ -69,11 +77,11 @@ def prose_ids(tok, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int) -> list[int]:
+def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int, options: dict) -> list[int]:
     """Dense prefill of ``fill`` real tokens into slot 0, tiled to ``length`` and copied to ``slots`` slots."""
     ids = prose_ids(tok, length)
     fill = min(fill, length)
-    eng = Engine(model, tok, max_batch=store.slots, max_tokens=store.max_tokens, store=store)
+    eng = Engine(model, tok, max_batch=store.slots, max_tokens=store.max_tokens, store=store, **options)
     eng.run([eng.add(ids[:fill], SamplingParams(max_tokens=1, ignore_eos=True))])
     eng.close()
     for kv in (store.k, store.v):
@@ -93,8 +101,14 @@ def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     selector = args.selector if ahead else "sync"
     # the engine decodes on --decode-threads when a cache-rank worker runs beside it, on --threads otherwise
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
-                 on_late=args.on_late, decode_threads=args.decode_threads)
+                 on_late=args.on_late, decode_threads=args.decode_threads, **engine_options(args))
     threads = eng.decode_threads or args.threads
+    rt = eng.rt
+    row_bytes = store.kv_heads * store.head_dim * store.k.element_size()
+    weights = eng.lean.weight_bytes if eng.lean is not None else sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    step_bytes = weights + batch * kv_bytes(cfg, len(rt.sparse_layers), store.num_layers - len(rt.sparse_layers),
+                                            context, row_bytes)
     params = SamplingParams(max_tokens=args.warmup + args.steps + 1, ignore_eos=True)
     for b in range(batch):
         eng.adopt(b, ids[:context], params)
@@ -111,7 +125,7 @@ def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
         times.append(time.perf_counter() - t0)
     row = {"context": context, "batch": batch, "budget": cfg.budget if cfg.sparse else None, "method": cfg.method,
            "times_s": times, "threads": threads, "selector": selector if ahead else None,
-           "late_rate": sel.late_rate if sel is not None else 0.0,
+           "late_rate": sel.late_rate if sel is not None else 0.0, "bytes": step_bytes, "path": eng.path,
            "wait_s": (sel.wait_s / max(1, args.steps)) if sel is not None else 0.0}
     eng.close()
     store.lengths.zero_()
@@ -135,15 +149,15 @@ def run_sweep(args) -> dict:
     model, tok = load(args)
     cfg0 = model.config
     max_len = max(contexts) + args.rounds * (args.warmup + args.steps) + 8
-    head_dim = getattr(cfg0, "head_dim", None) or cfg0.hidden_size // cfg0.num_attention_heads
-    store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim,
-                    next(model.parameters()).dtype, args.page_size,
+    bandwidth = {t: read_bandwidth(t) for t in (1, 2)} if args.roofline else None
+    store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
+                    kv_store_dtype(model, args.kv_dtype), args.page_size,
                     track_pages=any(c.needs_pages for c in cfgs.values()),
                     shared=args.selector == "async" and any(m in AHEAD for m in methods))
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)
-    ids = fill_store(model, tok, store, args.fill, max(contexts), max(batches))
+    ids = fill_store(model, tok, store, args.fill, max(contexts), max(batches), engine_options(args))
     rows = {}
     total = len(contexts) * len(batches) * len(cfgs) * args.rounds
     with tqdm(total=total, desc="bench", file=sys.stderr) as bar:
@@ -166,8 +180,24 @@ def run_sweep(args) -> dict:
         r["tpot_s"] = statistics.median(r.pop("times_s"))
         out.append(r)
     fill_note = f"real prefill of {min(args.fill, max(contexts))} tokens of prose, tiled to each context"
-    return {"rows": out, "machine": machine(), "cache": fill_note,
+    if bandwidth:
+        for r in out:
+            r["floor_s"] = r["bytes"] / max(bandwidth.values())      # the bus, whichever cores read it
+    peer = read_peer(args.peer) if args.peer else None
+    return {"rows": out, "machine": machine(), "cache": fill_note, "bandwidth": bandwidth, "peer": peer,
+            "formats": {"weights": args.weights, "kv_dtype": args.kv_dtype},
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+
+
+def read_peer(path: str) -> dict:
+    """llama.cpp's TPOT by context from ``scripts/peer_llamacpp.py --json``."""
+    try:
+        peer = json.loads(open(path).read())
+        rows = {int(r["context"]): r["tpot_ms"]["median"] / 1e3 for r in peer["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--peer {path}: not a peer_llamacpp.py JSON result ({e})") from None
+    return {"name": f"llama.cpp {peer.get('version', '')}".strip(), "tpot_s": rows,
+            "prefill_tok_s": {int(r["context"]): r.get("prefill_tok_s") for r in peer["rows"]}}
 
 
 def ratios(result: dict) -> list[dict]:
@@ -179,9 +209,12 @@ def ratios(result: dict) -> list[dict]:
         full = idx.get((c, b, None, "full"))
         quest = idx.get((c, b, k, "quest"))
         bound = idx.get((c, b, k, "bound"))
+        peer = (result.get("peer") or {}).get("tpot_s", {}).get(c) if b == 1 else None
         out.append({**r, "vs_full": r["tpot_s"] / full["tpot_s"] if full else None,
                     "vs_quest": r["tpot_s"] / quest["tpot_s"] if quest else None,
-                    "vs_bound": r["tpot_s"] / bound["tpot_s"] if bound else None})
+                    "vs_bound": r["tpot_s"] / bound["tpot_s"] if bound else None,
+                    "vs_peer": r["tpot_s"] / peer if peer else None,
+                    "vs_floor": r["tpot_s"] / r["floor_s"] if r.get("floor_s") else None})
     order = {"full": 0, "bound": 1, "quest": 2, "oracle": 3, "streaming": 4, "lastq": 5, "asyncspade": 6}
     return sorted(out, key=lambda r: (r["batch"], r["context"], r["budget"] or 0, order.get(r["method"], 9)))
 
@@ -189,18 +222,38 @@ def ratios(result: dict) -> list[dict]:
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"decode TPOT ({result['machine']['cpu']}, {result['machine']['date']})")
-    for col in ("context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound",
-                "late %", "wait ms"):
+    fmt = result.get("formats", {})
+    t = Table(title=f"decode TPOT ({result['machine']['cpu']}, {result['machine']['date']}; "
+              f"{fmt.get('weights')} weights, {fmt.get('kv_dtype')} KV)")
+    cols = ["context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound"]
+    peer, roof = result.get("peer"), result.get("bandwidth")
+    if peer:
+        cols.append("vs llama.cpp")
+    if roof:
+        cols += ["MB/step", "floor ms", "x floor"]
+    cols += ["late %", "wait ms"]
+    for col in cols:
         t.add_column(col, justify="right")
     f = lambda x: "" if x is None else f"{x:.2f}"     # noqa: E731
     for r in ratios(result):
-        t.add_row(str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
-                  f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
-                  f(r["vs_bound"]), f"{100 * r['late_rate']:.0f}" if r["selector"] in ("async", "dist") else "",
-                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] in ("async", "dist") else "")
-    Console(file=sys.stdout, width=160).print(t)
+        cells = [str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
+                 f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
+                 f(r["vs_bound"])]
+        if peer:
+            cells.append(f(r["vs_peer"]))
+        if roof:
+            cells += [f"{r['bytes'] / 1e6:.0f}", f"{r['floor_s'] * 1e3:.1f}", f(r["vs_floor"])]
+        cells += [f"{100 * r['late_rate']:.0f}" if r["selector"] in ("async", "dist") else "",
+                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] in ("async", "dist") else ""]
+        t.add_row(*cells)
+    if peer:
+        for c, tp in sorted(peer["tpot_s"].items()):
+            t.add_row(str(c), "1", "-", peer["name"], f"{tp * 1e3:.1f}", f"{1 / tp:.1f}", *[""] * (len(cols) - 6))
+    Console(file=sys.stdout, width=200).print(t)
     print(f"cache: {result['cache']}")
+    if roof:
+        print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw / 1e9:.1f} GB/s" for t, bw in roof.items())
+              + "; floor = the step's bytes (weights + KV read + selection) / the larger of the two")
 
 
 def plot(result: dict, path: str) -> None:

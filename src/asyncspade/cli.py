@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-from .config import METHODS, PREDICTORS, RIDGE_KINDS, ConfigError, SparseConfig
+from .config import (DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, METHODS, PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, ConfigError,
+                     SparseConfig)
 
 COMMANDS = {
     "generate": ("asyncspade.generate", "generate text for one prompt (streams tokens, reports TTFT/TPOT)"),
@@ -33,8 +34,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="weights and KV cache dtype (default fp32: exact, and on the CPUs measured here faster than "
-                   "bf16 per decode step; bf16 halves memory)")
+                   help="dtype the checkpoint is loaded in (the Hugging Face modules' precision; the lean forward "
+                   "converts from it to --weights) (default fp32)")
+    g.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHT_FORMATS,
+                   help="weight format of the lean forward (Llama family): fp32, bf16, int8 (per-channel scales) or "
+                   f"int4 (groups of 32); quantized at load and cached (default {DEFAULT_WEIGHTS}: BENCHMARKS.md)")
+    g.add_argument("--kv-dtype", default=DEFAULT_KV_DTYPE, choices=["fp32", "bf16"],
+                   help=f"KV cache dtype of the lean forward (default {DEFAULT_KV_DTYPE})")
 
 
 def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False,
@@ -80,6 +86,11 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
         g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
                        help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
                        "step's set (default wait)")
+
+
+def engine_options(args) -> dict:
+    """The engine's format settings from the model flags (``Engine(..., **engine_options(args))``)."""
+    return {"weights": args.weights, "kv_dtype": args.kv_dtype}
 
 
 def sparse_from_args(args, method: str | None = None) -> SparseConfig:

@@ -20,7 +20,7 @@ import torch
 from . import kernels
 from .arch import head_dim, lean_unsupported
 from .attention import NAME, register
-from .config import SparseConfig
+from .config import DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, SparseConfig
 from .kvcache import Batch, KVStore
 from .lean import lean_model
 from .models import parse_dtype, transpose_fp32_linears
@@ -28,8 +28,10 @@ from .runtime import SparseRuntime
 from .sampling import SamplingParams, make_generator, sample
 
 
-DEFAULT_WEIGHTS = "int8"      # lean forward weight format (BENCHMARKS.md: speed and fidelity vs fp32)
-DEFAULT_KV_DTYPE = "bf16"     # KV store dtype on the lean forward
+def kv_store_dtype(model, kv_dtype: str | torch.dtype | None = DEFAULT_KV_DTYPE) -> torch.dtype:
+    """The KV store's dtype for ``model``: ``kv_dtype`` on the lean forward, the model's own on its HF modules."""
+    own = next(model.parameters()).dtype
+    return own if kv_dtype is None or lean_unsupported(model) is not None else parse_dtype(kv_dtype)
 
 
 class RequestError(ValueError):
@@ -119,7 +121,7 @@ class Engine:
                 transpose_fp32_linears(model)          # fp32 only; a no-op for bf16 and when already done
         self._prev_attn = model.config._attn_implementation
         model.set_attn_implementation(register())
-        dtype = model_dtype if kv_dtype is None or self.lean is None else parse_dtype(kv_dtype)
+        dtype = kv_store_dtype(model, kv_dtype)
         # benchmarks pass one filled store to the engines of several methods
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim(self.config), dtype, self.sparse.page_size,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("fp32", "bf16", "int8", "int4")
+from .config import WEIGHT_FORMATS as FORMATS
 INT4_GROUP = 32
 
 

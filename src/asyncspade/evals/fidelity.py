@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
-from ..config import PREDICTORS, RIDGE_KINDS, SparseConfig
+from ..cli import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load, methods_from_args,
+                   sparse_from_args)
+from ..config import PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig
 from ..data import TRACES, trace_texts
 from ..engine import Engine
 from ..models import encode_prompt
@@ -173,11 +174,11 @@ class Probe:
             self.meter.add("cosine", F.cosine_similarity(q_hat.float(), q.float(), dim=-1).mean(1)[rows])
 
 
-def _score(meter: Meter, dense: dict, sparse: dict, windows: list[Window], budget: int) -> None:
+def _score(meter: Meter, dense: dict, sparse: dict, windows: list[Window], budget: int | None) -> None:
     """Compare one decode step's logits ``{record: (fed, logits [V])}`` of a method with the dense reference."""
     if sorted(sparse) != sorted(dense):
         raise RuntimeError("engines fell out of lockstep")
-    recs = [r for r in sorted(dense) if dense[r][0] + 1 > budget]       # cache after this step exceeds the budget
+    recs = [r for r in sorted(dense) if budget is None or dense[r][0] + 1 > budget]    # the cache exceeds the budget
     if not recs:
         return
     pos = torch.tensor([dense[r][0] for r in recs])
@@ -194,11 +195,20 @@ def _score(meter: Meter, dense: dict, sparse: dict, windows: list[Window], budge
 
 
 def compare(model, tokenizer, windows: list[Window], configs: dict[str, SparseConfig], batch: int = 4,
-            bin_width: int = 256, progress: bool = True) -> tuple[dict, dict[str, Meter]]:
-    """Run every window through a dense reference and every config in lockstep; returns (results, meters)."""
+            bin_width: int = 256, progress: bool = True, options: dict | None = None,
+            ref_options: dict | None = None, config_options: dict[str, dict] | None = None
+            ) -> tuple[dict, dict[str, Meter]]:
+    """Run every window through a dense reference and every config in lockstep; returns (results, meters).
+
+    ``options`` are engine settings (weight format, KV dtype) for every engine; ``ref_options`` override them for
+    the reference and ``config_options[name]`` for one config (comparing formats: a fp32 reference)."""
     max_tokens = max(len(w.ids) for w in windows) + 1
-    engines = {REF: Engine(model, tokenizer, SparseConfig(), max_batch=batch, max_tokens=max_tokens)}
-    engines.update({k: Engine(model, tokenizer, c, max_batch=batch, max_tokens=max_tokens) for k, c in configs.items()})
+    options, config_options = options or {}, config_options or {}
+
+    def engine(cfg, extra):
+        return Engine(model, tokenizer, cfg, max_batch=batch, max_tokens=max_tokens, **{**options, **extra})
+    engines = {REF: engine(SparseConfig(), ref_options or {})}
+    engines.update({k: engine(c, config_options.get(k, {})) for k, c in configs.items()})
     meters = {k: Meter(bin_width) for k in configs}
     got: dict[str, dict] = {}
     try:
@@ -221,7 +231,7 @@ def compare(model, tokenizer, windows: list[Window], configs: dict[str, SparseCo
                 eng.step()
             dense = got.pop(REF, {})
             for name, cfg in configs.items():
-                _score(meters[name], dense, got.get(name, {}), windows, cfg.budget)
+                _score(meters[name], dense, got.get(name, {}), windows, cfg.budget if cfg.sparse else None)
             bar.update(len(dense))
         bar.close()
     finally:
@@ -236,7 +246,7 @@ def _result(cfg: SparseConfig, m: Meter) -> dict:
         return None if v is None else math.exp(v)
     steps = m.n["top1"]
     overlap = 1.0 if cfg.method == "oracle" and m.n["attn_recall"] else m.mean("overlap")
-    return {"method": cfg.method, "budget": cfg.budget, "top1_agreement": m.mean("top1"), "kl_mean": m.mean("kl"),
+    return {"method": cfg.method, "budget": cfg.budget if cfg.sparse else None, "top1_agreement": m.mean("top1"), "kl_mean": m.mean("kl"),
             "ppl": ppl("nll"), "ppl_dense": ppl("nll_dense"), "attn_recall": m.mean("attn_recall"),
             "overlap": overlap, "cosine": m.mean("cosine"), "steps": steps}
 
@@ -314,6 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predictors", default=None, metavar="LIST", help="asyncspade: compare forecasters in one pass, "
                    "comma-separated PREDICTOR[:X], X a ridge kind for ridge or the lead for xlayer/hybrid, e.g. "
                    "ridge:ar,ridge:last,xlayer:2,hybrid:1 (default: --predictor alone)")
+    g.add_argument("--formats", default=None, metavar="LIST",
+                   help="instead of methods: compare weight/KV formats of dense decoding with an fp32/fp32 reference, "
+                   "comma-separated WEIGHTS/KV, e.g. int8/bf16,int4/bf16,bf16/bf16 (every step counts)")
     g.add_argument("--batch", type=_positive, default=4, help="windows decoded together per engine (default 4)")
     g.add_argument("--json", default=None, metavar="PATH", help="write settings and results as JSON")
     g.add_argument("--plot", default=None, metavar="PATH.png", help="plot KL and recall vs position")
@@ -357,8 +370,23 @@ def configs_from_args(args) -> dict[str, SparseConfig]:
     return configs
 
 
+def format_variants(text: str) -> dict[str, dict]:
+    """``"int8/bf16,int4/bf16"`` -> ``{"int8/bf16": {"weights": "int8", "kv_dtype": "bf16"}, ...}``."""
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        w, _, kv = item.partition("/")
+        if w not in WEIGHT_FORMATS or kv not in ("fp32", "bf16"):
+            raise UserError(f"--formats: {item!r} is not WEIGHTS/KV with WEIGHTS in {', '.join(WEIGHT_FORMATS)} "
+                            f"and KV in fp32, bf16")
+        out[item] = {"weights": w, "kv_dtype": kv}
+    if not out:
+        raise UserError("--formats is empty")
+    return out
+
+
 def run(args) -> int:
-    configs = configs_from_args(args)
+    formats = format_variants(args.formats) if args.formats else None
+    configs = {f"full[{f}]": SparseConfig() for f in formats} if formats else configs_from_args(args)
     data_path(args.data)                          # fail before the model loads
     model, tok = load(args)
     windows = read_windows(args.data, tok, model.config.max_position_embeddings, chat=args.chat, limit=args.limit,
@@ -366,10 +394,15 @@ def run(args) -> int:
     longest = max(len(w.ids) for w in windows)
     print(f"[asyncspade] {len(windows)} windows, {sum(len(w.ids) for w in windows)} tokens "
           f"({sum(len(w.ids) - w.prefill for w in windows)} decoded), longest {longest}", file=sys.stderr)
-    results, meters = compare(model, tok, windows, configs, batch=args.batch, bin_width=max(16, -(-longest // 32)))
+    kw = dict(batch=args.batch, bin_width=max(16, -(-longest // 32)), options=engine_options(args))
+    if formats:
+        kw.update(ref_options={"weights": "fp32", "kv_dtype": "fp32"},
+                  config_options={f"full[{f}]": o for f, o in formats.items()})
+    results, meters = compare(model, tok, windows, configs, **kw)
     print(format_table(results))
     base = next(iter(configs.values())).to_dict()
     settings = {"data": args.data, "model": args.model or "bundled SmolLM2-135M-Instruct", "dtype": args.dtype,
+                "weights": args.weights, "kv_dtype": args.kv_dtype, "formats": args.formats,
                 "windows": len(windows), "tokens": sum(len(w.ids) for w in windows),
                 "decoded": sum(len(w.ids) - w.prefill for w in windows), "chat": args.chat,
                 "max_tokens": args.max_tokens, "prefill": args.prefill, "batch": args.batch,

@@ -29,7 +29,8 @@ _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _I, _F, _I64,
                _I],
-    "score": [_P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
+    "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
+    "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
@@ -188,13 +189,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
 
 def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch.Tensor | None = None,
           n: int | None = None, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-          aggregate: str = "sum") -> torch.Tensor:
+          aggregate: str = "sum", kmax: torch.Tensor | None = None) -> torch.Tensor:
     """Aggregated attention probability ``[B, KVH, n]`` (fp32) of the candidates: positions ``[lo, lo + n)`` masked
-    from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid``. Masked candidates score -1. ``q [B, KVH, G, D]``."""
-    if not _use_c(q, k):
-        return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate)
+    from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid``. Masked candidates score -1. ``q [B, KVH, G, D]``.
+    With ``kmax``, ``k`` and ``kmax`` are page minima and maxima and a page scores Quest's upper bound."""
+    if not _use_c(*(t for t in (q, k, kmax) if t is not None)):
+        return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate, kmax)
     b, kvh, g, d = q.shape
     sb, sh = _store_strides(k)
+    if kmax is not None:
+        assert kmax.stride() == k.stride()
     if idx is not None:
         idx, valid = _positions(idx, valid)
         n = idx.shape[-1]
@@ -202,8 +206,26 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
     else:
         ib = ih = 0
     out = torch.empty(b, kvh, n)
-    _lib.score(_ptr(q), _ptr(k), _bf(k), sb, sh, lo, _ptr(hi), _ptr(idx), _ptr(valid), n, ib, ih, _ptr(out), b, kvh,
-               g, d, scale, int(aggregate == "max"), torch.get_num_threads())
+    _lib.score(_ptr(q), _ptr(k), _ptr(kmax), _bf(k), sb, sh, lo, _ptr(hi), _ptr(idx), _ptr(valid), n, ib, ih,
+               _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"), torch.get_num_threads())
+    return out
+
+
+def topk(scores: torch.Tensor, k: int, idx: torch.Tensor | None = None, lo: int = 0, expand: int = 1) -> torch.Tensor:
+    """Positions of the ``k`` best candidates per (row, KV head), ascending: ``[B, KVH, k * expand]`` int64.
+
+    Candidate j of ``scores [B, KVH, n]`` is at ``idx[b, h, j]`` or ``lo + j``; ties go to the lower j. With
+    ``expand`` each pick p stands for ``[p * expand, (p + 1) * expand)`` (pages -> tokens). Fewer than k candidates:
+    the last pick repeats (callers mask what they cannot use)."""
+    if not _use_c(scores):
+        return reference.topk(scores, k, idx, lo, expand)
+    b, kvh, n = scores.shape
+    scores = scores.contiguous()
+    if idx is not None:
+        idx = idx.contiguous()
+    out = torch.empty(b, kvh, k * expand, dtype=torch.int64)
+    _lib.topk(_ptr(scores), n, k, _ptr(idx), idx.stride(0) if idx is not None else 0,
+              idx.stride(1) if idx is not None else 0, lo, expand, _ptr(out), b, kvh, torch.get_num_threads())
     return out
 
 

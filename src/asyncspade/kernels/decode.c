@@ -316,6 +316,43 @@ static void dots_scalar(const float *q, const void *K, int bf, const int64_t *ro
     }
 }
 
+/* Quest's upper bound of q . k over a page with channel-wise min ``mn`` and max ``mx``: sum_d max(q_d mn_d, q_d mx_d).
+ * Same layout as dots(): s[g * BLOCK + j] for the page rows at rowoff[j] of both tables. */
+static void bound_dots(const float *q, const void *mn, const void *mx, int bf, const int64_t *rowoff, int nb, int G,
+                       int D, float *s) {
+#ifdef __AVX512F__
+    if (vec_ok(D)) {
+        __m512 part[BLOCK];
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            for (int j = 0; j < BLOCK; j++) {
+                __m512 acc = _mm512_setzero_ps();
+                if (j < nb)
+                    for (int v = 0; v < D / 16; v++) {
+                        __m512 qv = _mm512_loadu_ps(qg + 16 * v);
+                        acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, ld16(mn, bf, rowoff[j] + 16 * v)),
+                                                               _mm512_mul_ps(qv, ld16(mx, bf, rowoff[j] + 16 * v))));
+                    }
+                part[j] = acc;
+            }
+            _mm512_storeu_ps(s + g * BLOCK, hsum16(part));
+        }
+        return;
+    }
+#endif
+    float a[MAXD], z[MAXD];
+    for (int j = 0; j < nb; j++) {
+        load_row(mn, bf, rowoff[j], D, a);
+        load_row(mx, bf, rowoff[j], D, z);
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            float t = 0.f;
+            for (int d = 0; d < D; d++) { float x = qg[d] * a[d], y = qg[d] * z[d]; t += x > y ? x : y; }
+            s[g * BLOCK + j] = t;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ attention */
 
 /* A run of positions: pos[0..n) if pos, else begin + [0, n); valid (with pos) masks entries. */
@@ -456,7 +493,8 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
 /* Aggregated probability of candidate keys, for top-k selection.
  * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked from
  * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL); out [B, KVH, n] fp32. agg_max: max over the
- * group instead of sum. Masked candidates get -1 (below any probability).
+ * group instead of sum. Masked candidates get -1 (below any probability). With ``k2`` the rows are pages: k holds
+ * their channel-wise minima, k2 their maxima, and a page scores Quest's upper bound of q . k over its keys.
  * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores
  * and each chunk's softmax statistics; per (row, head, query head) the merged max and sum; the probabilities. */
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
@@ -465,12 +503,12 @@ static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const
     return pos ? (!val || val[j]) : (*p < hi[b]);
 }
 
-void score(const float *q, const void *k, int kv_bf16, int64_t sb, int64_t sh, int64_t lo, const int64_t *hi,
-           const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out, int B, int KVH,
-           int G, int D, float scale, int agg_max, int nthreads) {
+void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t sb, int64_t sh, int64_t lo,
+           const int64_t *hi, const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out,
+           int B, int KVH, int G, int D, float scale, int agg_max, int nthreads) {
     int vec = vec_ok(D);
 #ifdef __AVX512F__
-    dots_fn fast = vec ? special_dots(G, D) : NULL;
+    dots_fn fast = (vec && !k2) ? special_dots(G, D) : NULL;
 #endif
     const int64_t CH = 1024;
     int64_t nc = (n + CH - 1) / CH;
@@ -488,6 +526,7 @@ void score(const float *q, const void *k, int kv_bf16, int64_t sb, int64_t sh, i
             const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
             const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih : NULL;
             const char *kb = (const char *)k + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
+            const char *kb2 = k2 ? (const char *)k2 + (b * sb + h * sh) * (kv_bf16 ? 2 : 4) : NULL;
             float *sbh = s + bh * G * n, *st = stat + it * G * 2;
             float blk[MAXG * BLOCK];
             int64_t rowoff[BLOCK];
@@ -499,6 +538,8 @@ void score(const float *q, const void *k, int kv_bf16, int64_t sb, int64_t sh, i
                     int64_t p;
                     rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? p * D : 0;   /* masked: row 0 (valid) */
                 }
+                if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
+                else
 #ifdef __AVX512F__
                 if (fast) fast(qh, kb, kv_bf16, rowoff, nb, blk);
                 else
@@ -597,6 +638,56 @@ void score(const float *q, const void *k, int kv_bf16, int64_t sb, int64_t sh, i
     free(glob);
     free(stat);
     free(s);
+}
+
+/* The k largest scores of each (row, KV head) -> their positions, ascending. Ties go to the lower candidate index
+ * (deterministic). Candidate j is at position idx[b, h, j] (idx non-NULL, strides ib, ih) or lo + j; with
+ * expand > 1 each picked position p stands for [p * expand, (p + 1) * expand) (pages -> their tokens).
+ * scores [B, KVH, n]; out [B, KVH, k * expand]. */
+static inline int better(const float *s, int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); }
+
+static void select_top(const float *s, int64_t *ix, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;                       /* quickselect: ix[0..k) end up the k best */
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2, a = ix[lo], b = ix[mid], c = ix[hi], piv;
+        if (better(s, a, b)) { if (better(s, b, c)) piv = b; else piv = better(s, a, c) ? c : a; }
+        else { if (better(s, a, c)) piv = a; else piv = better(s, b, c) ? c : b; }
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (better(s, ix[i], piv)) i++;
+            while (better(s, piv, ix[j])) j--;
+            if (i <= j) { int64_t t = ix[i]; ix[i] = ix[j]; ix[j] = t; i++; j--; }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t ib, int64_t ih, int64_t lo,
+          int64_t expand, int64_t *out, int B, int KVH, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bh = 0; bh < (int64_t)B * KVH; bh++) {
+        int b = (int)(bh / KVH), h = (int)(bh % KVH);
+        const float *s = scores + bh * n;
+        int64_t *ix = malloc(sizeof(int64_t) * (size_t)n);
+        for (int64_t j = 0; j < n; j++) ix[j] = j;
+        int64_t kk = k < n ? k : n;
+        if (kk < n) select_top(s, ix, n, kk);
+        const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
+        for (int64_t j = 0; j < kk; j++) ix[j] = pos ? pos[ix[j]] : lo + ix[j];
+        qsort(ix, (size_t)kk, sizeof(int64_t), cmp_i64);
+        int64_t *o = out + bh * k * expand;
+        for (int64_t j = 0; j < k; j++)
+            for (int64_t e = 0; e < expand; e++)
+                o[j * expand + e] = (j < kk ? ix[j] : ix[kk - 1]) * expand + e;
+        free(ix);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------ layer glue */

@@ -44,19 +44,38 @@ def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=N
     return out
 
 
-def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum") -> torch.Tensor:
+def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum", kmax=None) -> torch.Tensor:
     b, kvh, g, d = q.shape
     if idx is not None:
         cand = gather_rows(k, idx)
+        cmax = gather_rows(kmax, idx) if kmax is not None else None
         ok = valid if valid is not None else torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
     else:
         cand = k[:, :, lo:lo + n]
+        cmax = kmax[:, :, lo:lo + n] if kmax is not None else None
         ok = (torch.arange(lo, lo + n, device=q.device) < hi[:, None])[:, None, :].expand(b, kvh, n)
-    s = torch.matmul(q.to(cand.dtype), cand.transpose(-1, -2)).float() * scale          # [B, KVH, G, n]
+    if cmax is None:
+        s = torch.matmul(q.to(cand.dtype), cand.transpose(-1, -2)).float() * scale          # [B, KVH, G, n]
+    else:                    # Quest's bound: q+ . max + q- . min, term by term the max of q.min and q.max
+        qf = q.float()
+        s = (torch.matmul(qf.clamp(min=0), cmax.float().transpose(-1, -2))
+             + torch.matmul(qf.clamp(max=0), cand.float().transpose(-1, -2))) * scale
     s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
     p = torch.nan_to_num(s.softmax(-1), nan=0.0)
     agg = p.sum(2) if aggregate == "sum" else p.amax(2)
     return agg.masked_fill(~ok, -1.0)
+
+
+def topk(scores, k, idx=None, lo=0, expand=1) -> torch.Tensor:
+    b, kvh, n = scores.shape
+    kk = min(k, n)
+    # stable descending sort: ties keep the lower candidate index first, as the C kernel does
+    pick = scores.sort(dim=-1, descending=True, stable=True).indices[..., :kk]
+    pos = idx.gather(-1, pick) if idx is not None else pick + lo
+    pos = pos.sort(-1).values
+    if kk < k:
+        pos = torch.cat([pos, pos[..., -1:].expand(b, kvh, k - kk)], -1)
+    return (pos[..., None] * expand + torch.arange(expand)).flatten(-2)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
