@@ -153,7 +153,7 @@ def run_sweep(args) -> dict:
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
                     kv_store_dtype(model, args.kv_dtype), args.page_size,
                     track_pages=any(c.needs_pages for c in cfgs.values()),
-                    shared=args.selector == "async" and any(m in AHEAD for m in methods))
+                    shared=args.selector == "async" and any(m in AHEAD for m in methods), device=args.device)
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)

@@ -41,6 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    f"int4 (groups of 32); quantized at load and cached (default {DEFAULT_WEIGHTS}: BENCHMARKS.md)")
     g.add_argument("--kv-dtype", default=DEFAULT_KV_DTYPE, choices=["fp32", "bf16"],
                    help=f"KV cache dtype of the lean forward (default {DEFAULT_KV_DTYPE})")
+    g.add_argument("--device", default="cpu",
+                   help="where the lean forward's weights and the KV cache live, e.g. cuda (default cpu; the "
+                   "asynchronous cache-rank worker needs cpu)")
 
 
 def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False,
@@ -90,7 +93,7 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
 
 def engine_options(args) -> dict:
     """The engine's format settings from the model flags (``Engine(..., **engine_options(args))``)."""
-    return {"weights": args.weights, "kv_dtype": args.kv_dtype}
+    return {"weights": args.weights, "kv_dtype": args.kv_dtype, "device": args.device}
 
 
 def sparse_from_args(args, method: str | None = None) -> SparseConfig:

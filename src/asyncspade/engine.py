@@ -95,10 +95,13 @@ class Engine:
                  max_tokens: int | None = None, prefill_chunk: int = 512, selector: str = "sync",
                  on_late: str = "wait", store: KVStore | None = None, transpose_weights: bool = True,
                  prefill_budget: int = 2048, decode_threads: int | None = None, weights: str | None = DEFAULT_WEIGHTS,
-                 kv_dtype: str | torch.dtype | None = DEFAULT_KV_DTYPE):
+                 kv_dtype: str | torch.dtype | None = DEFAULT_KV_DTYPE, device: str | torch.device | None = None):
         """``weights``: the lean forward's weight format (fp32, bf16, int8, int4; None: the model's own dtype);
         ``kv_dtype``: the KV store's dtype (fp32, bf16; None: the model's). Models outside the lean forward's
-        family run on their Hugging Face modules in their own dtype (``path`` and ``path_note`` say which)."""
+        family run on their Hugging Face modules in their own dtype (``path`` and ``path_note`` say which).
+        ``device``: where the lean forward's weights and the KV store live (default: the model's device); the
+        engine's bookkeeping and sampling stay on the CPU, and the C kernels serve CPU tensors (elsewhere their
+        torch references run)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.sparse = (sparse or SparseConfig()).validate(self.config.num_hidden_layers)
@@ -107,13 +110,15 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         model_dtype = next(model.parameters()).dtype
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         why_not = lean_unsupported(model)
         self.lean = None
         if why_not is None:
             fmt = weights or {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model_dtype, "fp32")
-            self.lean = lean_model(model, fmt)
+            self.lean = lean_model(model, fmt, self.device)
             self.path = "lean"
-            self.path_note = f"lean forward ({self.config.model_type}, {fmt} weights, {kernels.backend()} kernels)"
+            self.path_note = (f"lean forward ({self.config.model_type}, {fmt} weights, "
+                              f"{kernels.backend(self.device)} kernels)")
         else:
             self.path = "hf"
             self.path_note = f"Hugging Face modules ({why_not})"
@@ -126,7 +131,8 @@ class Engine:
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim(self.config), dtype, self.sparse.page_size,
                                       track_pages=self.sparse.needs_pages,
-                                      shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"))
+                                      shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"),
+                                      device=self.device)
         if self.sparse.needs_pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
         self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
@@ -272,7 +278,7 @@ class Engine:
         """Run the decoder over ``ids [B, L]``; returns fp32 logits of the last position ``[B, V]``."""
         self.rt.batch = batch
         if self.lean is not None:
-            return self.lean.forward(ids, batch, self.store, self.rt)
+            return self.lean.forward(ids, batch, self.store, self.rt).cpu()
         if self.model.config._attn_implementation != NAME:     # another engine on this model was closed
             self.model.set_attn_implementation(NAME)
         self.rt.activate()

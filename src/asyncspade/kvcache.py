@@ -30,12 +30,12 @@ class Batch:
         return self.hi - self.lo
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, device=None) -> torch.Tensor:
     """Zeros, not empty: unused rows are gathered under a -inf mask, and 0 * NaN garbage would still be NaN.
     ``shared`` allocates in shared memory from the start (zero pages from the kernel): moving a filled
     multi-GB store there later would copy it and transiently double its memory."""
     if not shared:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
     n = 1
     for d in shape:
         n *= d
@@ -46,19 +46,25 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
 class KVStore:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_tokens: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, page_size: int = 16, track_pages: bool = False,
-                 shared: bool = False):
+                 shared: bool = False, device: torch.device | str = "cpu"):
+        """``shared``: in shared memory (a cache-rank worker process reads it; CPU only). The K/V tensors and page
+        bounds live on ``device``; the per-slot lengths stay on the CPU (the engine's bookkeeping)."""
+        device = torch.device(device)
+        if shared and device.type != "cpu":
+            raise ValueError("a KV store shared with a worker process must be on the CPU")
+        self.device = device
         self.num_layers, self.slots, self.kv_heads = num_layers, slots, kv_heads
         self.max_tokens, self.head_dim, self.dtype = max_tokens, head_dim, dtype
         shape = (num_layers, slots, kv_heads, max_tokens, head_dim)
-        self.k = _zeros(shape, dtype, shared)
-        self.v = _zeros(shape, dtype, shared)
+        self.k = _zeros(shape, dtype, shared, device)
+        self.v = _zeros(shape, dtype, shared, device)
         self.page_size = page_size
         self.track_pages = track_pages
         if track_pages:
             pages = (max_tokens + page_size - 1) // page_size
             pshape = (num_layers, slots, kv_heads, pages, head_dim)
-            self.pmin = _zeros(pshape, dtype, shared)
-            self.pmax = _zeros(pshape, dtype, shared)
+            self.pmin = _zeros(pshape, dtype, shared, device)
+            self.pmax = _zeros(pshape, dtype, shared, device)
         self.lengths = _zeros((slots,), torch.int64, shared)     # committed tokens per slot
 
     @property

@@ -200,12 +200,13 @@ class LeanModel:
         return q
 
 
-def lean_model(model, weights: str = "int8", device=None) -> LeanModel:
+def lean_model(model, weights: str = "int8", device: torch.device | str | None = None) -> LeanModel:
     """The :class:`LeanModel` of ``model`` in ``weights`` format, built once and shared by every engine on it.
 
     For a model loaded from a checkpoint directory the converted projections are cached on disk (``quantcache``),
     so the next load reads them instead of quantizing again."""
     memo = model.__dict__.setdefault("_asyncspade_lean", {})
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     key = (weights, str(device))
     if key not in memo:
         path = quantcache.path_for(model, weights)

@@ -24,24 +24,34 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=None) -> torch.Tensor:
-    """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`), one (row, head) at a
-    time over its explicit list of positions."""
+    """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`): each row's positions
+    ``[0, pre) | idx (valid) | [begin, end)`` laid out in one padded list, gathered, and attended with a mask."""
     b, kvh, g, d = q.shape
-    out = torch.zeros(b, kvh, g, d)
-    for r in range(b):
-        for h in range(kvh):
-            pos = [torch.arange(int(pre[r]) if pre is not None else 0)]
-            if idx is not None and (use_idx is None or bool(use_idx[r])):
-                sel = idx[r, h] if valid is None else idx[r, h][valid[r, h]]
-                pos.append(sel)
-            pos.append(torch.arange(int(begin[r]), int(end[r])))
-            pos = torch.cat(pos)
-            if pos.numel() == 0:
-                continue                      # nothing to attend: zeros, as the C kernel writes
-            kk, vv = k[r, h, pos].float(), v[r, h, pos].float()
-            p = (q[r, h].float() @ kk.t() * scale).softmax(-1)
-            out[r, h] = p @ vv
-    return out
+    dev = q.device
+    begin, end = begin.to(dev), end.to(dev)
+    pre = torch.zeros_like(begin) if pre is None else pre.to(dev)
+    n_idx = idx.shape[-1] if idx is not None else 0
+    use = torch.zeros(b, dtype=torch.bool, device=dev) if idx is None else (
+        torch.ones(b, dtype=torch.bool, device=dev) if use_idx is None else use_idx.to(dev))
+    n_sel = torch.where(use, n_idx, 0)
+    total = pre + n_sel + (end - begin)
+    width = max(int(total.max()), 1)
+    j = torch.arange(width, device=dev)[None, :]                                     # [1, W]
+    in_idx = (j >= pre[:, None]) & (j < (pre + n_sel)[:, None])                       # [B, W]
+    ranged = begin[:, None] + j - (pre + n_sel)[:, None]
+    pos = torch.where(j < pre[:, None], j, ranged)[:, None, :].expand(b, kvh, width)  # [B, KVH, W]
+    ok = (j < total[:, None])[:, None, :].expand(b, kvh, width)
+    if idx is not None:
+        slot = (j - pre[:, None]).clamp(0, max(n_idx - 1, 0))[:, None, :].expand(b, kvh, width)
+        pos = torch.where(in_idx[:, None, :], idx.to(dev).gather(-1, slot), pos)
+        if valid is not None:
+            ok = ok & torch.where(in_idx[:, None, :], valid.to(dev).gather(-1, slot), True)
+    pos = pos.clamp(0, k.shape[2] - 1)
+    kk, vv = gather_rows(k, pos).float(), gather_rows(v, pos).float()
+    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale                         # [B, KVH, G, W]
+    s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)                                      # nothing to attend: zeros
+    return torch.matmul(p, vv)
 
 
 def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum", kmax=None) -> torch.Tensor:
@@ -53,7 +63,7 @@ def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="s
     else:
         cand = k[:, :, lo:lo + n]
         cmax = kmax[:, :, lo:lo + n] if kmax is not None else None
-        ok = (torch.arange(lo, lo + n, device=q.device) < hi[:, None])[:, None, :].expand(b, kvh, n)
+        ok = (torch.arange(lo, lo + n, device=q.device) < hi.to(q.device)[:, None])[:, None, :].expand(b, kvh, n)
     if cmax is None:
         s = torch.matmul(q.to(cand.dtype), cand.transpose(-1, -2)).float() * scale          # [B, KVH, G, n]
     else:                    # Quest's bound: q+ . max + q- . min, term by term the max of q.min and q.max
