@@ -27,8 +27,8 @@ from ..paths import cache_root
 SOURCE = pathlib.Path(__file__).with_name("decode.c")
 _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
-    "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _I, _F, _I64,
-               _I],
+    "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I, _I, _I, _I, _I,
+               _F, _I64, _I],
     "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
@@ -163,18 +163,19 @@ def _positions(idx: torch.Tensor, valid: torch.Tensor | None):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor,
            begin: torch.Tensor, end: torch.Tensor, pre: torch.Tensor | None = None, idx: torch.Tensor | None = None,
-           valid: torch.Tensor | None = None, use_idx: torch.Tensor | None = None) -> torch.Tensor:
+           valid: torch.Tensor | None = None, use_idx: torch.Tensor | None = None, lim_lo: int = 0,
+           lim_hi: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of ``q [B, KVH, G, D]`` (fp32, contiguous) over the store views ``k, v [B, KVH, T, D]``.
 
-    Row b attends the positions ``[0, pre[b])``, then ``idx[b, h]`` (int64 ``[B, KVH, n]``, rows contiguous;
-    entries masked by ``valid``, bool of the same layout; only rows with ``use_idx[b]`` when given), then
+    Row b attends the positions ``[0, pre[b])``, then ``idx[b, h]`` (int64 ``[B, KVH, n]``; entries masked by
+    ``valid``, bool, or outside ``[lim_lo, lim_hi[b])``; only rows with ``use_idx[b]`` when given), then
     ``[begin[b], end[b])``. Dense attention is just ``begin, end``; sparse attention is sinks | selection | recent
     window, read in place from the store. Writes ``out [B, KVH, G, D]`` (fp32 or bf16)."""
     b, kvh, g, d = q.shape
     if pre is None:
         pre = torch.zeros_like(begin)
     if not _use_c(q, k, out):
-        return out.copy_(reference.attend(q, k, v, scale, begin, end, pre, idx, valid, use_idx))
+        return out.copy_(reference.attend(q, k, v, scale, begin, end, pre, idx, valid, use_idx, lim_lo, lim_hi))
     sb, sh = _store_strides(k)
     n = ib = ih = 0
     if idx is not None:
@@ -182,8 +183,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
         n = idx.shape[-1]
         ib, ih = idx.stride(0), idx.stride(1)
     _lib.attend(_ptr(q), _ptr(k), _ptr(v), _bf(k), sb, sh, _ptr(pre), _ptr(begin), _ptr(end), _ptr(use_idx),
-                _ptr(idx), _ptr(valid), n, ib, ih, _ptr(out), _bf(out), b, kvh, g, d, scale, CHUNK,
-                torch.get_num_threads())
+                _ptr(idx), _ptr(valid), n, ib, ih, lim_lo, _ptr(lim_hi), _ptr(out), _bf(out), b, kvh, g, d, scale,
+                CHUNK, torch.get_num_threads())
     return out
 
 
@@ -191,7 +192,8 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
           n: int | None = None, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None,
           aggregate: str = "sum", kmax: torch.Tensor | None = None) -> torch.Tensor:
     """Aggregated attention probability ``[B, KVH, n]`` (fp32) of the candidates: positions ``[lo, lo + n)`` masked
-    from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid``. Masked candidates score -1. ``q [B, KVH, G, D]``.
+    from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid`` (and, given ``hi``, only those in ``[lo, hi[b])``).
+    Masked candidates score -1. ``q [B, KVH, G, D]``.
     With ``kmax``, ``k`` and ``kmax`` are page minima and maxima and a page scores Quest's upper bound."""
     if not _use_c(*(t for t in (q, k, kmax) if t is not None)):
         return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate, kmax)

@@ -62,6 +62,19 @@ static inline void store_row(void *base, int bf, int64_t off, int n, const float
 
 #define BLOCK 16      /* positions scored at once: one vector of scores per query head */
 
+/* A run of positions: pos[0..n) if pos, else begin + [0, n); with pos, entries masked by valid or outside
+ * [lim_lo, lim_hi) are skipped. */
+typedef struct { const int64_t *pos; const uint8_t *valid; int64_t begin, n, lim_lo, lim_hi; } run_t;
+
+/* Row offset of entry j of a run, and whether it is attended (masked entries read row 0: always valid memory). */
+static inline int run_row(const run_t *r, int64_t j, int D, int64_t *off) {
+    if (!r->pos) { *off = (r->begin + j) * D; return 1; }
+    int64_t p = r->pos[j];
+    int ok = (!r->valid || r->valid[j]) && p >= r->lim_lo && p < r->lim_hi;
+    *off = ok ? p * D : 0;
+    return ok;
+}
+
 /* s[g * BLOCK + j] = q_g . K[p_j] for the nb <= BLOCK rows at rowoff[j] (element offsets into K). */
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -130,8 +143,9 @@ static inline __m512 exp512(__m512 x, __mmask16 zero) {
 /* The common shapes (G <= 4 query heads per KV head, head dim 64 or 128) with G and D known at compile time: the
  * queries and the output accumulators live in registers, each K/V row is converted from bf16 once. */
 #define DEF_RUN(NAME, GG, DVV)                                                                                  \
-static void NAME(const float *q, const void *K, const void *V, int bf, const int64_t *pos, const uint8_t *valid, \
-                 int64_t begin, int64_t n, float scale, float *m, float *l, float *accp) {                      \
+static void NAME(const float *q, const void *K, const void *V, int bf, const run_t *r, float scale, float *m,     \
+                 float *l, float *accp) {                                                                       \
+    int64_t n = r->n;                                                                                          \
     enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
     __m512 qv[G][DV], acc[G][DV];                                                                              \
     for (int g = 0; g < G; g++)                                                                                \
@@ -143,10 +157,8 @@ static void NAME(const float *q, const void *K, const void *V, int bf, const int
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                                \
         int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);                                                       \
         __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);                                        \
-        for (int j = 0; j < nb; j++) {                                                                         \
-            rowoff[j] = (pos ? pos[j0 + j] : begin + j0 + j) * D;                                              \
-            if (pos && valid && !valid[j0 + j]) bad |= (__mmask16)(1u << j);                                   \
-        }                                                                                                      \
+        for (int j = 0; j < nb; j++)                                                                           \
+            if (!run_row(r, j0 + j, D, &rowoff[j])) bad |= (__mmask16)(1u << j);                               \
         for (int j = 0; j < BLOCK; j++) {                                                                      \
             if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }            \
             __m512 kr[DV];                                                                                     \
@@ -233,8 +245,8 @@ static dots_fn special_dots(int G, int D) {
     return D == 64 ? d64[G - 1] : D == 128 ? d128[G - 1] : NULL;
 }
 
-typedef void (*run_fn)(const float *, const void *, const void *, int, const int64_t *, const uint8_t *, int64_t,
-                       int64_t, float, float *, float *, float *);
+typedef void (*run_fn)(const float *, const void *, const void *, int, const run_t *, float, float *, float *,
+                       float *);
 
 static run_fn special_run(int G, int D) {
     static const run_fn d64[4] = {run_g1_d64, run_g2_d64, run_g3_d64, run_g4_d64};
@@ -244,21 +256,19 @@ static run_fn special_run(int G, int D) {
 }
 
 /* attend_run for D a multiple of 16: scores, softmax and the V accumulation in 16-lane vectors. */
-static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const int64_t *pos,
-                           const uint8_t *valid, int64_t begin, int64_t n, int G, int D, float scale, float *m,
-                           float *l, float *acc) {
+static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const run_t *r, int G, int D,
+                           float scale, float *m, float *l, float *acc) {
     run_fn fast = special_run(G, D);
-    if (fast) { fast(q, K, V, bf, pos, valid, begin, n, scale, m, l, acc); return; }
+    if (fast) { fast(q, K, V, bf, r, scale, m, l, acc); return; }
+    int64_t n = r->n;
     int DV = D / 16;
     float s[MAXG * BLOCK];
     int64_t rowoff[BLOCK];
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
         int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);
         __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);
-        for (int j = 0; j < nb; j++) {
-            rowoff[j] = (pos ? pos[j0 + j] : begin + j0 + j) * D;
-            if (pos && valid && !valid[j0 + j]) bad |= (__mmask16)(1u << j);
-        }
+        for (int j = 0; j < nb; j++)
+            if (!run_row(r, j0 + j, D, &rowoff[j])) bad |= (__mmask16)(1u << j);
         dots(q, K, bf, rowoff, nb, G, D, s);
         for (int g = 0; g < G; g++) {
             __m512 sg = _mm512_mul_ps(_mm512_loadu_ps(s + g * BLOCK), _mm512_set1_ps(scale));
@@ -290,11 +300,9 @@ static void attend_run_vec(const float *q, const void *K, const void *V, int bf,
     }
 }
 #else
-static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const int64_t *pos,
-                           const uint8_t *valid, int64_t begin, int64_t n, int G, int D, float scale, float *m,
-                           float *l, float *acc) {
-    (void)q; (void)K; (void)V; (void)bf; (void)pos; (void)valid; (void)begin; (void)n; (void)G; (void)D;
-    (void)scale; (void)m; (void)l; (void)acc;
+static void attend_run_vec(const float *q, const void *K, const void *V, int bf, const run_t *r, int G, int D,
+                           float scale, float *m, float *l, float *acc) {
+    (void)q; (void)K; (void)V; (void)bf; (void)r; (void)G; (void)D; (void)scale; (void)m; (void)l; (void)acc;
 }
 static void dots(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, int G, int D, float *s) {
     (void)q; (void)K; (void)bf; (void)rowoff; (void)nb; (void)G; (void)D; (void)s;
@@ -355,30 +363,28 @@ static void bound_dots(const float *q, const void *mn, const void *mx, int bf, c
 
 /* ------------------------------------------------------------------------------------------------ attention */
 
-/* A run of positions: pos[0..n) if pos, else begin + [0, n); valid (with pos) masks entries. */
-typedef struct { const int64_t *pos; const uint8_t *valid; int64_t begin, n; } run_t;
 
 /* Fold the positions of ``r`` into one (row, KV head)'s online-softmax state: running max m[g], sum l[g],
  * unnormalised output acc[g][D]. K/V point at that (row, head)'s [T, D] rows. */
 static void attend_run(const float *q, const void *K, const void *V, int bf, run_t r, int G, int D, float scale,
                        float *m, float *l, float *acc) {
     if (vec_ok(D)) {
-        attend_run_vec(q, K, V, bf, r.pos, r.valid, r.begin, r.n, G, D, scale, m, l, acc);
+        attend_run_vec(q, K, V, bf, &r, G, D, scale, m, l, acc);
         return;
     }
     float s[MAXG * BLOCK];
     int64_t rowoff[BLOCK];
+    int ok[BLOCK];
     float vf[MAXD];
     for (int64_t j0 = 0; j0 < r.n; j0 += BLOCK) {
         int nb = (int)(r.n - j0 < BLOCK ? r.n - j0 : BLOCK);
-        for (int j = 0; j < nb; j++) rowoff[j] = (r.pos ? r.pos[j0 + j] : r.begin + j0 + j) * D;
+        for (int j = 0; j < nb; j++) ok[j] = run_row(&r, j0 + j, D, &rowoff[j]);
         dots_scalar(q, K, bf, rowoff, nb, G, D, s);
         for (int g = 0; g < G; g++) {
             float *sg = s + g * BLOCK;
             float mx = m[g];
             for (int j = 0; j < nb; j++) {
-                int ok = !(r.pos && r.valid) || r.valid[j0 + j];
-                sg[j] = ok ? sg[j] * scale : -INFINITY;
+                sg[j] = ok[j] ? sg[j] * scale : -INFINITY;
                 mx = sg[j] > mx ? sg[j] : mx;
             }
             if (mx == -INFINITY) { for (int j = 0; j < nb; j++) sg[j] = 0.f; continue; }
@@ -390,6 +396,7 @@ static void attend_run(const float *q, const void *K, const void *V, int bf, run
             if (alpha != 1.f) for (int d = 0; d < D; d++) acc[g * D + d] *= alpha;
         }
         for (int j = 0; j < nb; j++) {
+            if (!ok[j]) continue;
             load_row(V, bf, rowoff[j], D, vf);
             for (int g = 0; g < G; g++) {
                 float w = s[g * BLOCK + j];
@@ -403,13 +410,13 @@ static void attend_run(const float *q, const void *K, const void *V, int bf, run
 /* The positions row b attends, as one virtual sequence: [0, pre[b]) | idx[b, h, :n_idx] (if use_idx[b]) |
  * [begin[b], end[b]). Returns the number of runs written to out for the virtual slice [lo, hi). */
 static int slice_runs(int64_t pre, const int64_t *idx, const uint8_t *valid, int64_t n_idx, int64_t begin,
-                      int64_t end, int64_t lo, int64_t hi, run_t *out) {
+                      int64_t end, int64_t lim_lo, int64_t lim_hi, int64_t lo, int64_t hi, run_t *out) {
     int k = 0;
     int64_t seg[3][2] = {{0, pre}, {pre, pre + n_idx}, {pre + n_idx, pre + n_idx + (end - begin)}};
     for (int i = 0; i < 3; i++) {
         int64_t a = lo > seg[i][0] ? lo : seg[i][0], z = hi < seg[i][1] ? hi : seg[i][1];
         if (z <= a) continue;
-        run_t r = {NULL, NULL, 0, z - a};
+        run_t r = {NULL, NULL, 0, z - a, lim_lo, lim_hi};
         if (i == 0) r.begin = a;
         else if (i == 1) { r.pos = idx + (a - pre); r.valid = valid ? valid + (a - pre) : NULL; }
         else r.begin = begin + (a - pre - n_idx);
@@ -420,14 +427,15 @@ static int slice_runs(int64_t pre, const int64_t *idx, const uint8_t *valid, int
 
 /* q:        [B, KVH, G, D] fp32 (contiguous)
  * k, v:     the store's [B, KVH, T, D] view of one layer (row stride D), strides sb, sh in elements
- * pre, begin, end: [B]; use_idx: [B] (uint8) or NULL; idx/valid: [B, KVH, n_idx] (strides ib, ih) or NULL
+ * pre, begin, end: [B]; use_idx: [B] (uint8) or NULL; idx/valid: [B, KVH, n_idx] (strides ib, ih) or NULL;
+ *           idx positions outside [lim_lo, lim_hi[b]) are skipped (lim_hi NULL: no upper limit)
  * out:      [B, KVH, G, D], fp32 or bf16 (out_bf16)
  * chunk:    virtual positions per work item (the sequence split across threads, a fixed size so the result does
  *           not depend on the thread count) */
 void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t sb, int64_t sh, const int64_t *pre,
             const int64_t *begin, const int64_t *end, const uint8_t *use_idx, const int64_t *idx,
-            const uint8_t *valid, int64_t n_idx, int64_t ib, int64_t ih, void *out, int out_bf16, int B, int KVH,
-            int G, int D, float scale, int64_t chunk, int nthreads) {
+            const uint8_t *valid, int64_t n_idx, int64_t ib, int64_t ih, int64_t lim_lo, const int64_t *lim_hi,
+            void *out, int out_bf16, int B, int KVH, int G, int D, float scale, int64_t chunk, int nthreads) {
     int64_t *first = malloc(sizeof(int64_t) * (B + 1));
     first[0] = 0;
     for (int b = 0; b < B; b++) {
@@ -452,7 +460,8 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
         const int64_t *ix = ni ? idx + b * ib + h * ih : NULL;
         const uint8_t *va = (ni && valid) ? valid + b * ib + h * ih : NULL;
         run_t runs[3];
-        int nr = slice_runs(pre[b], ix, va, ni, begin[b], end[b], c * chunk, (c + 1) * chunk, runs);
+        int nr = slice_runs(pre[b], ix, va, ni, begin[b], end[b], lim_lo, lim_hi ? lim_hi[b] : INT64_MAX,
+                            c * chunk, (c + 1) * chunk, runs);
         const char *kb = (const char *)k + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
         const char *vb = (const char *)v + (b * sb + h * sh) * (kv_bf16 ? 2 : 4);
         const float *qh = q + ((int64_t)b * KVH + h) * G * D;
@@ -492,7 +501,8 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
 
 /* Aggregated probability of candidate keys, for top-k selection.
  * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked from
- * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL); out [B, KVH, n] fp32. agg_max: max over the
+ * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL) and, when hi is given, only positions in
+ * [lo, hi[b]); out [B, KVH, n] fp32. agg_max: max over the
  * group instead of sum. Masked candidates get -1 (below any probability). With ``k2`` the rows are pages: k holds
  * their channel-wise minima, k2 their maxima, and a page scores Quest's upper bound of q . k over its keys.
  * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores
@@ -500,7 +510,8 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
                        int64_t *p) {
     *p = pos ? pos[j] : lo + j;
-    return pos ? (!val || val[j]) : (*p < hi[b]);
+    if (pos) return (!val || val[j]) && (!hi || (*p >= lo && *p < hi[b]));
+    return *p < hi[b];
 }
 
 void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t sb, int64_t sh, int64_t lo,

@@ -23,7 +23,8 @@ def gather_rows(store: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return src.index_select(0, flat).view(b, kvh, idx.shape[-1], d)
 
 
-def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=None) -> torch.Tensor:
+def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=None, lim_lo=0,
+           lim_hi=None) -> torch.Tensor:
     """``[B, KVH, G, D]`` fp32 attention outputs (see :func:`asyncspade.kernels.attend`): each row's positions
     ``[0, pre) | idx (valid) | [begin, end)`` laid out in one padded list, gathered, and attended with a mask."""
     b, kvh, g, d = q.shape
@@ -43,9 +44,14 @@ def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=N
     ok = (j < total[:, None])[:, None, :].expand(b, kvh, width)
     if idx is not None:
         slot = (j - pre[:, None]).clamp(0, max(n_idx - 1, 0))[:, None, :].expand(b, kvh, width)
-        pos = torch.where(in_idx[:, None, :], idx.to(dev).gather(-1, slot), pos)
+        picked = idx.to(dev).gather(-1, slot)
+        pos = torch.where(in_idx[:, None, :], picked, pos)
+        keep = picked >= lim_lo
+        if lim_hi is not None:
+            keep &= picked < lim_hi.to(dev)[:, None, None]
         if valid is not None:
-            ok = ok & torch.where(in_idx[:, None, :], valid.to(dev).gather(-1, slot), True)
+            keep &= valid.to(dev).gather(-1, slot)
+        ok = ok & torch.where(in_idx[:, None, :], keep, True)
     pos = pos.clamp(0, k.shape[2] - 1)
     kk, vv = gather_rows(k, pos).float(), gather_rows(v, pos).float()
     s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale                         # [B, KVH, G, W]
@@ -57,9 +63,11 @@ def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=N
 def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum", kmax=None) -> torch.Tensor:
     b, kvh, g, d = q.shape
     if idx is not None:
-        cand = gather_rows(k, idx)
-        cmax = gather_rows(kmax, idx) if kmax is not None else None
+        cand = gather_rows(k, idx.clamp(0, k.shape[2] - 1))
+        cmax = gather_rows(kmax, idx.clamp(0, k.shape[2] - 1)) if kmax is not None else None
         ok = valid if valid is not None else torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        if hi is not None:
+            ok = ok & (idx >= lo) & (idx < hi.to(idx.device)[:, None, None])
     else:
         cand = k[:, :, lo:lo + n]
         cmax = kmax[:, :, lo:lo + n] if kmax is not None else None
