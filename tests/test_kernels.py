@@ -1,0 +1,131 @@
+"""The compiled decode kernels against their torch references (kernels/reference.py), over the dtypes, head dims and
+group sizes they specialise on (vectorised G x D fast paths, the generic vector path, the scalar path)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncspade import kernels as K
+from asyncspade.kernels import reference as R
+
+SHAPES = [(64, 3), (128, 4), (64, 5), (16, 2), (24, 3)]      # (head dim, query heads per KV head)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    if K.backend() != "c":
+        pytest.skip(f"C kernels unavailable here: {K.why_not()}")
+
+
+def store(b, kvh, t, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # a slot range of a larger store: the views the engine passes are not at offset 0
+    full = torch.randn(b + 2, kvh, t, d, generator=g).to(dtype)
+    return full[1:b + 1]
+
+
+def close(a, r, dtype):
+    torch.testing.assert_close(a.float(), r.float(), atol=2e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,g", SHAPES)
+def test_attend_dense_and_sparse(dtype, d, g):
+    b, kvh, t = 3, 2, 700                       # 700 > the 256-position chunk: several work items per row
+    k, v = store(b, kvh, t, d, dtype), store(b, kvh, t, d, dtype, seed=1)
+    q = torch.randn(b, kvh, g, d)
+    begin, end = torch.tensor([0, 5, 600]), torch.tensor([700, 300, 640])
+    close(K.attend(q, k, v, 0.1, torch.empty(b, kvh, g, d), begin, end), R.attend(q, k, v, 0.1, begin, end), dtype)
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, t, (b, kvh, 90), generator=gen)
+    valid = torch.rand(b, kvh, 90, generator=gen) > 0.3
+    pre, use = torch.tensor([4, 0, 4]), torch.tensor([True, False, True])
+    lim_hi = torch.tensor([650, 700, 500])
+    args = (begin, end, pre, idx, valid, use, 4, lim_hi)
+    close(K.attend(q, k, v, 0.1, torch.empty(b, kvh, g, d), *args), R.attend(q, k, v, 0.1, *args), dtype)
+    out = torch.empty(b, kvh, g, d, dtype=torch.bfloat16)        # bf16 output (the int formats' activations)
+    close(K.attend(q, k, v, 0.1, out, *args), R.attend(q, k, v, 0.1, *args), torch.bfloat16)
+
+
+def test_attend_with_nothing_to_attend_writes_zeros():
+    k = v = store(1, 1, 32, 64, torch.float32)
+    q = torch.randn(1, 1, 2, 64)
+    idx = torch.zeros(1, 1, 4, dtype=torch.int64)
+    out = K.attend(q, k, v, 0.1, torch.full((1, 1, 2, 64), 7.0), torch.tensor([3]), torch.tensor([3]),
+                   idx=idx, valid=torch.zeros(1, 1, 4, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,g", SHAPES)
+@pytest.mark.parametrize("aggregate", ["sum", "max"])
+def test_score_tokens_and_pages(dtype, d, g, aggregate):
+    b, kvh, t = 2, 3, 2500                      # > one 1024-candidate chunk
+    k = store(b, kvh, t, d, dtype)
+    q = torch.randn(b, kvh, g, d)
+    hi = torch.tensor([2400, 900])
+    kw = dict(lo=4, hi=hi, n=2450, aggregate=aggregate)
+    close(K.score(q, k, 0.1, **kw), R.score(q, k, 0.1, **kw), dtype)
+    idx = torch.randint(0, t, (b, kvh, 300), generator=torch.Generator().manual_seed(3))
+    close(K.score(q, k, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate),
+          R.score(q, k, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate), dtype)
+    kmax = (k.float() + torch.rand(k.shape)).to(dtype)             # page minima/maxima
+    close(K.score(q, k, 0.1, kmax=kmax, **kw), R.score(q, k, 0.1, kmax=kmax, **kw), dtype)
+
+
+def test_topk_matches_reference_and_breaks_ties_low():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(2, 3, 500, generator=g)
+    s[0, 0, 10:20] = 5.0                         # ten equal best scores: the five lowest candidates win
+    got = K.topk(s, 5)
+    assert torch.equal(got[0, 0], torch.arange(10, 15))
+    assert torch.equal(got, R.topk(s, 5))
+    idx = torch.randint(0, 10_000, (2, 3, 500), generator=g)
+    assert torch.equal(K.topk(s, 40, idx=idx), R.topk(s, 40, idx=idx))
+    assert torch.equal(K.topk(s, 8, lo=2, expand=16), R.topk(s, 8, lo=2, expand=16))
+    assert torch.equal(K.topk(s[..., :3], 5), R.topk(s[..., :3], 5))              # fewer candidates than k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,bias", [(False, False), (True, False), (False, True)])
+def test_qkv_post_and_layer_glue(dtype, norm, bias):
+    h, kvh, d, n, pmax = 6, 2, 64, 5, 64
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(n, (h + 2 * kvh) * d, generator=g).to(dtype)
+    b = torch.randn((h + 2 * kvh) * d, generator=g) if bias else None
+    qn, kn = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5) if norm else (None, None)
+    ang = torch.rand(pmax, d // 2, generator=g) * 6
+    slot, pos = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([3, 7, 8, 60, 4])
+    outs = []
+    for impl in (K, R):
+        ks, vs = torch.zeros(3, kvh, pmax, d, dtype=dtype), torch.zeros(3, kvh, pmax, d, dtype=dtype)
+        q = torch.empty(n, h, d)
+        impl.qkv_post(qkv, b, qn, kn, 1e-6, ang.cos(), ang.sin(), slot, pos, ks, vs, h, kvh, q)
+        outs.append((q, ks, vs))
+    for a, r in zip(*outs):
+        close(a, r, dtype)
+    x = torch.randn(4, 576, generator=g)
+    delta, w = torch.randn(4, 576, generator=g).to(dtype), torch.rand(576, generator=g)
+    hk, hr = x.clone(), x.clone()
+    ok, orf = torch.empty(4, 576, dtype=dtype), torch.empty(4, 576, dtype=dtype)
+    K.add_rmsnorm(hk, delta, w, 1e-5, ok)
+    R.add_rmsnorm(hr, delta, w, 1e-5, orf)
+    close(hk, hr, torch.float32)
+    close(ok, orf, dtype)
+    gu = torch.randn(3, 2 * 1536, generator=g).to(dtype)
+    close(K.silu_mul(gu, torch.empty(3, 1536, dtype=dtype)), R.silu_mul(gu, torch.empty(3, 1536, dtype=dtype)), dtype)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    k, v = store(1, 3, 5000, 64, torch.bfloat16), store(1, 3, 5000, 64, torch.bfloat16, seed=1)
+    q = torch.randn(1, 3, 3, 64)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(K.attend(q, k, v, 0.1, torch.empty(1, 3, 3, 64), torch.tensor([0]), torch.tensor([5000])))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
