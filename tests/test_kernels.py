@@ -129,3 +129,15 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("order", [1, 4])
+def test_ridge_forecast_matches_the_torch_predictor(order):
+    from asyncspade.predictor import forecast
+    w = torch.randn(3, 9, 16, 64, generator=torch.Generator().manual_seed(6)).cumsum(2)   # correlated in time
+    count = torch.tensor([16, 9, order])          # a full window, a partial one, one too short to fit
+    got = forecast(w, count, "ar", order, 1e-2)
+    with K.torch_only():
+        want = forecast(w, count, "ar", order, 1e-2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[2], w[2, :, -1])       # too short: the last query

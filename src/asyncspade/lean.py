@@ -145,6 +145,7 @@ class LeanModel:
         kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps, x)
         q = torch.empty(n, H, D, device=dev)
         attn = torch.empty(n, H * D, dtype=self.act_dtype, device=dev)
+        act = torch.empty(n, self.layers[0].down.in_features, dtype=self.act_dtype, device=dev)
         decode = n_tok == 1
         for i, lw in enumerate(self.layers):
             if decode:
@@ -158,9 +159,7 @@ class LeanModel:
                 attn.copy_(self._prefill_attention(i, q, store, batch, n_tok))
                 rt.observe_prefill(i, q.view(b, n_tok, H, D).transpose(1, 2))
             kernels.add_rmsnorm(h, lw.o(attn), lw.mlp_norm, self.eps, x)
-            gu = lw.gate_up(x)
-            act = torch.empty(n, gu.shape[1] // 2, dtype=gu.dtype, device=dev)
-            kernels.silu_mul(gu, act)
+            kernels.silu_mul(lw.gate_up(x), act)
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             kernels.add_rmsnorm(h, lw.down(act), nxt, self.eps, x)
         last = x.view(b, n_tok, -1)[:, -1]

@@ -31,6 +31,7 @@ SIGNATURES = {
                _F, _I64, _I],
     "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
+    "ridge_forecast": [_P, _P, _I64, _I, _I, _I, _F, _P, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
@@ -228,6 +229,19 @@ def topk(scores: torch.Tensor, k: int, idx: torch.Tensor | None = None, lo: int 
     out = torch.empty(b, kvh, k * expand, dtype=torch.int64)
     _lib.topk(_ptr(scores), n, k, _ptr(idx), idx.stride(0) if idx is not None else 0,
               idx.stride(1) if idx is not None else 0, lo, expand, _ptr(out), b, kvh, torch.get_num_threads())
+    return out
+
+
+def ridge_forecast(w: torch.Tensor, count: torch.Tensor, order: int, ridge: float) -> torch.Tensor | None:
+    """AR(``order``) ridge forecast of the next query from windows ``w [B, H, W, D]`` (fp32) with ``count [B]``
+    valid newest entries: ``[B, H, D]``; None where the C kernels do not serve (the caller runs torch)."""
+    b, h, win, d = w.shape
+    if not _use_c(w) or win > 64 or order > 16:
+        return None
+    w = w.contiguous()
+    cnt = count.view(b, 1).expand(b, h).contiguous()
+    out = torch.empty(b, h, d)
+    _lib.ridge_forecast(_ptr(w), _ptr(cnt), b * h, win, d, order, ridge, _ptr(out), torch.get_num_threads())
     return out
 
 

@@ -701,6 +701,64 @@ void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t
     }
 }
 
+/* The temporal ridge forecast of the next query (AsyncSpade's predictor): per row r of windows w [R, W, D] holding
+ * count[r] valid newest entries (oldest first), fit q_t ~ sum_{j<p} a_j q_{t-1-j} on the window by ridge regression,
+ * (X^T X + eps * mean diag * I) a = X^T y, and predict sum_j a_j q_{t-j}. Rows with count <= p predict their last
+ * query. out [R, D]. The same arithmetic as predictor.forecast("ar"), one call for every head of every row. */
+void ridge_forecast(const float *w, const int64_t *count, int64_t R, int W, int D, int p, float eps, float *out,
+                    int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < R; r++) {
+        const float *x = w + r * W * D;
+        float *o = out + r * D;
+        int64_t cnt = count[r] < W ? count[r] : W;
+        if (cnt <= p) { memcpy(o, x + (W - 1) * D, sizeof(float) * D); continue; }
+        int first = (int)(W - cnt);
+        float G[64][64];                              /* Gram of the window's valid entries (W <= 64) */
+        for (int i = first; i < W; i++)
+            for (int j = first; j <= i; j++) {
+                float t = 0.f;
+                for (int d = 0; d < D; d++) t += x[i * D + d] * x[j * D + d];
+                G[i][j] = G[j][i] = t;
+            }
+        double A[16][17];                             /* p x p system, augmented with the right-hand side */
+        for (int i = 0; i < p; i++) {
+            for (int j = 0; j < p; j++) A[i][j] = 0.0;
+            A[i][p] = 0.0;
+        }
+        for (int tau = first + p; tau < W; tau++)     /* targets whose p lags are all inside the window */
+            for (int i = 0; i < p; i++) {
+                for (int j = 0; j < p; j++) A[i][j] += G[tau - 1 - i][tau - 1 - j];
+                A[i][p] += G[tau - 1 - i][tau];
+            }
+        double diag = 0.0;
+        for (int i = 0; i < p; i++) diag += A[i][i];
+        diag /= p;
+        if (diag < 1e-12) diag = 1e-12;
+        for (int i = 0; i < p; i++) A[i][i] += eps * diag;
+        for (int c = 0; c < p; c++) {                 /* Gaussian elimination, partial pivoting */
+            int piv = c;
+            for (int i = c + 1; i < p; i++) if (fabs(A[i][c]) > fabs(A[piv][c])) piv = i;
+            if (piv != c) for (int j = 0; j <= p; j++) { double t = A[c][j]; A[c][j] = A[piv][j]; A[piv][j] = t; }
+            for (int i = c + 1; i < p; i++) {
+                double f = A[i][c] / A[c][c];
+                for (int j = c; j <= p; j++) A[i][j] -= f * A[c][j];
+            }
+        }
+        double a[16];
+        for (int i = p - 1; i >= 0; i--) {
+            double t = A[i][p];
+            for (int j = i + 1; j < p; j++) t -= A[i][j] * a[j];
+            a[i] = t / A[i][i];
+        }
+        for (int d = 0; d < D; d++) {
+            double t = 0.0;
+            for (int j = 0; j < p; j++) t += a[j] * x[(W - 1 - j) * D + d];
+            o[d] = (float)t;
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ layer glue */
 
 /* qkv [N, (H + 2 KVH) D] (fp32 or bf16) of N tokens; token i belongs to store row slot[i] at position pos[i].
