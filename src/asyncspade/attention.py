@@ -35,7 +35,7 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, 
     if sel is None:
         begin = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
         return kernels.attend(qg, k, v, scale, out, begin, end)
-    sparse = end > cfg.budget
+    sparse = cfg.sparse_at(end)
     pre = torch.where(sparse, cfg.sink, 0)
     begin = torch.where(sparse, end - cfg.recent, 0)
     return kernels.attend(qg, k, v, scale, out, begin, end, pre, sel.idx.contiguous(),

@@ -216,7 +216,7 @@ class AsyncSelector:
         li = self.li[layer]
         done, src = (self._done_x, self.shared.chosen) if self.xlayer else (self._done_t, self.shared.ahead)
         lengths = batch.lengths.numpy()
-        need = lengths > self.cfg.budget                  # rows that attend sparsely this step
+        need = self.cfg.sparse_at(lengths)                # rows that attend sparsely this step
         rows = slice(batch.lo, batch.hi)
         tags = self._tags(batch.lo, batch.hi, lengths)[need]
         if not np.all(self._asked[int(self.xlayer), rows, li][need] == tags):

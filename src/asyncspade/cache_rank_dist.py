@@ -177,7 +177,7 @@ class _CacheRank:
             if kind == TEMPORAL:
                 sel.on_query(li, q, batch)
                 # a reply only when the pass ran (not while the next step is dense) and is the final selection
-                if not sel.xlayer and int(lengths.max()) + 1 > cfg.budget:
+                if not sel.xlayer and cfg.sparse_at(int(lengths.max()) + 1):
                     self.reply(li, lo, hi, serial, lengths + 1, sel.ahead[lo:hi, li])
             else:
                 sel.on_xlayer(li, q, batch)
@@ -376,7 +376,7 @@ class DistSelector:
             msgs += [(T_HEAD, self._head(TEMPORAL, li, batch.lo, batch.hi, nq, batch.lengths, kpos)),
                      (T_Q1 if nq == 1 else T_QWIN, qbuf)]
             if self._put(msgs + ([(T_KROW, rows)] if rows is not None else [])):
-                if not self.xlayer and batch.max_len + 1 > self.cfg.budget:     # the worker will answer
+                if not self.xlayer and self.cfg.sparse_at(batch.max_len + 1):   # the worker will answer
                     self._asked[batch.lo:batch.hi, li] = batch.lengths.numpy() + 1
                 return
         self.fallback.on_query(layer, q, batch)
@@ -401,7 +401,7 @@ class DistSelector:
             return self._fallback_get(layer, batch, q_now)
         li, k = self.li[layer], self.cfg.k_mid
         lengths = batch.lengths.numpy()
-        need = lengths > self.cfg.budget                  # rows that attend sparsely this step
+        need = self.cfg.sparse_at(lengths)                # rows that attend sparsely this step
         rows = slice(batch.lo, batch.hi)
         self.steps += 1
         if np.any(self._asked[rows, li][need] != lengths[need]):
@@ -462,7 +462,7 @@ class DistSelector:
     def _fallback_get(self, layer: int, batch: Batch, q_now: torch.Tensor | None) -> torch.Tensor:
         li, c = self.li[layer], self.cfg
         lengths = batch.lengths.numpy()
-        need = lengths > c.budget
+        need = c.sparse_at(lengths)
         rows = slice(batch.lo, batch.hi)
         ok = ((not self.temporal or np.all(self._fb_t[rows, li][need] == lengths[need]))
               and (not self.xlayer or np.all(self._fb_x[rows, li][need] == lengths[need])))

@@ -12,6 +12,13 @@ DEFAULT_WEIGHTS = "int8"      # chosen by speed and fidelity vs fp32 (BENCHMARKS
 DEFAULT_KV_DTYPE = "bf16"     # the lean forward's KV cache dtype
 
 
+def sparse_at(length, budget: int):
+    """Whether a sparse layer attends sparsely over a cache of ``length`` tokens: only a cache longer than the
+    budget; one that fits attends to everything (exactly dense). Element-wise for a tensor or array of lengths, so
+    ``sparse_at(batch.max_len, budget)`` says whether any row of the batch does. The one place this is decided."""
+    return length > budget
+
+
 class ConfigError(ValueError):
     """A bad combination of settings; the message is one line meant for the user."""
 
@@ -48,6 +55,10 @@ class SparseConfig:
     def k_mid(self) -> int:
         """Tokens chosen by the method, between the sinks and the recent window."""
         return self.budget - self.sink - self.recent
+
+    def sparse_at(self, length):
+        """:func:`sparse_at` with this budget."""
+        return sparse_at(length, self.budget)
 
     def validate(self, num_layers: int | None = None) -> "SparseConfig":
         if self.method not in METHODS + BENCH_ONLY:

@@ -65,7 +65,7 @@ class SparseRuntime:
     def _forecasting(self, layer: int) -> bool:
         batch = self.batch
         return (layer in self.xlayer_targets and batch is not None and batch.q_len == 1
-                and batch.max_len > self.cfg.budget)
+                and self.cfg.sparse_at(batch.max_len))
 
     def _make_hook(self, src: int):
         def hook(module, args, kwargs):
@@ -97,7 +97,7 @@ class SparseRuntime:
         batch = self.batch
         sparse_layer = layer in self._sparse
         sel = None
-        if sparse_layer and batch.max_len > self.cfg.budget:
+        if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
             self.sparse_calls += sel is not None
             if self.probe is not None:

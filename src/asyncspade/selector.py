@@ -43,7 +43,7 @@ class SyncSelector:
     def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
         """Layer ``layer`` produced its real queries ``[B, H, L, D]``: select for the next step."""
         li = self.li[layer]
-        if batch.max_len + 1 <= self.cfg.budget:       # next step is dense for every row: only keep the window
+        if not self.cfg.sparse_at(batch.max_len + 1):  # next step is dense for every row: only keep the window
             self.windows.push(li, batch.lo, batch.hi, q)
             return
         keys = self.store.k[layer, batch.lo:batch.hi]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..cli import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load, methods_from_args,
                    sparse_from_args)
-from ..config import PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig
+from ..config import PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig, sparse_at
 from ..data import TRACES, trace_texts
 from ..engine import Engine
 from ..models import encode_prompt
@@ -133,7 +133,7 @@ def attended_mask(sel, batch, cfg, n: int) -> torch.Tensor:
     pos = torch.arange(n)
     lengths = batch.lengths[:, None]
     att |= ((pos < cfg.sink) | ((pos >= lengths - cfg.recent) & (pos < lengths)))[:, None, :]
-    dense = (batch.lengths <= cfg.budget)[:, None, None] & (pos < lengths)[:, None, :]
+    dense = (~cfg.sparse_at(batch.lengths))[:, None, None] & (pos < lengths)[:, None, :]
     return att | dense
 
 
@@ -146,7 +146,7 @@ class Probe:
 
     def __call__(self, layer: int, q: torch.Tensor, batch, sel) -> None:
         cfg, slots = self.cfg, self.engine.slots
-        rows = [r for r in range(batch.size) if slots[batch.lo + r] is not None and batch.lengths[r] > cfg.budget]
+        rows = [r for r in range(batch.size) if slots[batch.lo + r] is not None and cfg.sparse_at(batch.lengths[r])]
         if sel is None or not rows:
             return
         rows = torch.tensor(rows)
@@ -178,7 +178,7 @@ def _score(meter: Meter, dense: dict, sparse: dict, windows: list[Window], budge
     """Compare one decode step's logits ``{record: (fed, logits [V])}`` of a method with the dense reference."""
     if sorted(sparse) != sorted(dense):
         raise RuntimeError("engines fell out of lockstep")
-    recs = [r for r in sorted(dense) if budget is None or dense[r][0] + 1 > budget]    # the cache exceeds the budget
+    recs = [r for r in sorted(dense) if budget is None or sparse_at(dense[r][0] + 1, budget)]   # sparse this step
     if not recs:
         return
     pos = torch.tensor([dense[r][0] for r in recs])
