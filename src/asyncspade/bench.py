@@ -26,10 +26,9 @@ from .cli import (UserError, add_model_args, add_sparse_args, engine_options, in
 from .data import PROSE
 from .engine import Engine, kv_store_dtype
 from .kvcache import KVStore
+from .methods import method_class
 from .roofline import kv_bytes, read_bandwidth
 from .sampling import SamplingParams
-
-AHEAD = ("lastq", "asyncspade")
 
 
 def add_arguments(p) -> None:
@@ -97,7 +96,7 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int, o
 
 
 def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
-    ahead = cfg.method in AHEAD
+    ahead = method_class(cfg).ahead
     selector = args.selector if ahead else "sync"
     # the engine decodes on --decode-threads when a cache-rank worker runs beside it, on --threads otherwise
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
@@ -152,8 +151,9 @@ def run_sweep(args) -> dict:
     bandwidth = {t: read_bandwidth(t) for t in (1, 2)} if args.roofline else None
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
                     kv_store_dtype(model, args.kv_dtype), args.page_size,
-                    track_pages=any(c.needs_pages for c in cfgs.values()),
-                    shared=args.selector == "async" and any(m in AHEAD for m in methods), device=args.device)
+                    track_pages=any(method_class(c).needs_pages(c) for c in cfgs.values()),
+                    shared=args.selector == "async" and any(method_class(c).ahead for c in cfgs.values()),
+                    device=args.device)
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)

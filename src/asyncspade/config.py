@@ -47,11 +47,6 @@ class SparseConfig:
         return self.method != "full"
 
     @property
-    def needs_pages(self) -> bool:
-        """Whether the KV store must keep page min/max (Quest, or the page prefilter of the ahead methods)."""
-        return self.method == "quest" or (self.prefilter == "pages" and self.method in ("asyncspade", "lastq"))
-
-    @property
     def k_mid(self) -> int:
         """Tokens chosen by the method, between the sinks and the recent window."""
         return self.budget - self.sink - self.recent

@@ -23,6 +23,7 @@ from .attention import NAME, register
 from .config import DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, SparseConfig
 from .kvcache import Batch, KVStore
 from .lean import lean_model
+from .methods import method_class
 from .models import parse_dtype, transpose_fp32_linears
 from .runtime import SparseRuntime
 from .sampling import SamplingParams, make_generator, sample
@@ -128,12 +129,13 @@ class Engine:
         model.set_attn_implementation(register())
         dtype = kv_store_dtype(model, kv_dtype)
         # benchmarks pass one filled store to the engines of several methods
+        method = method_class(self.sparse)
+        pages = method.needs_pages(self.sparse)
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim(self.config), dtype, self.sparse.page_size,
-                                      track_pages=self.sparse.needs_pages,
-                                      shared=selector == "async" and self.sparse.method in ("asyncspade", "lastq"),
+                                      track_pages=pages, shared=selector == "async" and method.ahead,
                                       device=self.device)
-        if self.sparse.needs_pages and not self.store.track_pages:
+        if pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
         self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three

@@ -16,8 +16,13 @@ REGISTRY: dict[str, type[SelectionMethod]] = {
 }
 
 
+def method_class(cfg: SparseConfig) -> type[SelectionMethod]:
+    """The method ``cfg`` names: what it needs (``ahead``, ``needs_pages(cfg)``) is known before one is made."""
+    return REGISTRY[cfg.method]
+
+
 def make_method(cfg: SparseConfig) -> SelectionMethod:
-    return REGISTRY[cfg.method](cfg)
+    return method_class(cfg)(cfg)
 
 
-__all__ = ["REGISTRY", "Selection", "SelectionMethod", "make_method"]
+__all__ = ["REGISTRY", "Selection", "SelectionMethod", "make_method", "method_class"]

@@ -95,6 +95,10 @@ class AsyncSpade(SelectionMethod):
     name = "asyncspade"
     ahead = True
 
+    @classmethod
+    def needs_pages(cls, cfg):
+        return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
+
     def __init__(self, cfg: SparseConfig):
         super().__init__(cfg)
         self.temporal = cfg.predictor in ("ridge", "hybrid")

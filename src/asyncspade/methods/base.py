@@ -20,8 +20,12 @@ class Selection:
 
 class SelectionMethod:
     name = "base"
-    needs_pages = False      # keep Quest page min/max in the KV store
     ahead = False            # the selection is computed before the layer runs (by the selector), not inside it
+
+    @classmethod
+    def needs_pages(cls, cfg: SparseConfig) -> bool:
+        """Whether, with settings ``cfg``, the KV store must keep Quest page min/max for this method."""
+        return False
 
     def __init__(self, cfg: SparseConfig):
         self.cfg = cfg

@@ -8,7 +8,10 @@ from .base import Selection, SelectionMethod
 
 class Quest(SelectionMethod):
     name = "quest"
-    needs_pages = True
+
+    @classmethod
+    def needs_pages(cls, cfg):
+        return True
 
     def select(self, ctx, layer, q, batch):
         c = self.cfg
