@@ -15,8 +15,9 @@ import torch
 
 from asyncspade.config import SparseConfig
 from asyncspade.kvcache import KVStore
-from asyncspade.methods.asyncspade import ahead_width, temporal_pass, xlayer_pass
 from asyncspade.predictor import QueryWindows
+from asyncspade.selection.passes import temporal_pass, xlayer_pass
+from asyncspade.selection.plan import SelectionPlan
 
 # the bundled model's attention shape
 HEADS, KV_HEADS, HEAD_DIM, SPARSE_LAYERS = 9, 3, 64, 28
@@ -36,7 +37,7 @@ def measure(batch: int, context: int, superset: int, budget: int, reps: int) -> 
     store.k.normal_()
     for s in range(batch):
         store.rebuild_pages(0, s, 0, context)
-    width = ahead_width(cfg, store.max_tokens)
+    plan = SelectionPlan.of(cfg, store.max_tokens)
     windows = QueryWindows(batch, 1, HEADS, cfg.window, HEAD_DIM)
     lengths = torch.full((batch,), context)
     q = torch.randn(batch, HEADS, 1, HEAD_DIM)
@@ -45,12 +46,12 @@ def measure(batch: int, context: int, superset: int, budget: int, reps: int) -> 
     scale = HEAD_DIM ** -0.5
 
     def temporal():
-        return temporal_pass(cfg, windows, 0, store.k[0], 0, batch, lengths, q, scale, width, store.pages(0, 0, batch))
+        return temporal_pass(plan, windows, 0, store.k[0], 0, batch, lengths, q, scale, store.pages(0, 0, batch))
 
     cand, _ = temporal()
     q_x = torch.randn(batch, HEADS, HEAD_DIM)
     t_temporal = timed(temporal, reps)
-    t_xlayer = timed(lambda: xlayer_pass(cfg, q_x, store.k[0], lengths, scale, cand), reps)
+    t_xlayer = timed(lambda: xlayer_pass(plan, q_x, store.k[0], lengths, scale, cand), reps)
     row = 4 * HEAD_DIM * KV_HEADS * batch                       # fp32 key bytes per position, all rows
     return {"batch": batch, "context": context, "superset": superset, "temporal_ms": t_temporal * 1e3,
             "xlayer_ms": t_xlayer * 1e3, "temporal_mb": 2 * row * context / cfg.page_size / 1e6,

@@ -93,7 +93,7 @@ def test_new_occupant_never_gets_stale_selection(kind):
     exactly like an exact top-k with the cross-layer query."""
     from asyncspade.kvcache import Batch
     from asyncspade.scoring import topk_tokens
-    from asyncspade.selector import make_selector
+    from asyncspade.selection import make_selector
     cfg, store, g = _selector_setup()
     heads, d, n = 4, 8, 120
     sel = make_selector(kind, cfg, store, heads, [0, 1], 1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import child_pids, shared_data
 
-from asyncspade.cache_rank_dist import DistSelector
+from asyncspade.selection.dist import DistSelector
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.sampling import SamplingParams

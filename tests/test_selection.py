@@ -210,7 +210,7 @@ def test_config_rejects_bad_settings(bad):
 
 def test_page_prefilter_candidates_are_the_best_pages():
     """The prefilter keeps whole pages chosen by the Quest bound of the forecast query, within [sink, hi)."""
-    from asyncspade.methods.asyncspade import page_candidates
+    from asyncspade.selection.passes import page_candidates
     d, kvh, ps = 8, 2, 4
     store = KVStore(1, 1, kvh, 80, d, torch.float64, page_size=ps, track_pages=True)
     g = torch.Generator().manual_seed(4)
@@ -230,7 +230,7 @@ def test_page_prefilter_on_a_store_smaller_than_the_superset(predictor):
     """The superset (superset * k) exceeds the store and the store is not a whole number of pages: the step-ahead
     pass still returns `width` in-range positions, and the refinement picks valid ones only."""
     from asyncspade.kvcache import Batch
-    from asyncspade.selector import SyncSelector
+    from asyncspade.selection.local import SyncSelector
     T, n = 101, 90
     store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True)
     store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(0)))
@@ -256,7 +256,7 @@ def test_hybrid_with_a_superset_covering_the_cache_is_exact_topk(prefilter):
     """When superset * k covers every candidate position the step-ahead pass ranks nothing, and the cross-layer
     pass must still return the exact top-k of the cross-layer query over all candidates."""
     from asyncspade.kvcache import Batch
-    from asyncspade.selector import SyncSelector
+    from asyncspade.selection.local import SyncSelector
     T, n = 128, 70
     store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True)
     store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(1)))

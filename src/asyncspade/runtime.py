@@ -15,7 +15,7 @@ from .config import SparseConfig
 from .kvcache import Batch, KVStore
 from .methods import make_method
 from .predictor import xlayer_query
-from .selector import make_selector
+from .selection import Selector, make_selector
 
 
 class SparseRuntime:
@@ -39,14 +39,14 @@ class SparseRuntime:
         self.windows = layer_windows(model.config, store.max_tokens)
         self.sparse_layers = [i for i in range(self.cfg.dense_layers, len(self.layers)) if self.windows[i] is None]
         self._sparse = set(self.sparse_layers)
-        self.selector = None
+        self.selector: Selector | None = None
         if self.method.ahead:
             self.selector = make_selector(selector, self.cfg, store, self.heads, self.sparse_layers, self.scale,
                                           on_late)
         # cross-layer forecasts: the residual entering layer `src` forecasts the queries of these target layers
         self.xlayer_targets: dict[int, list[int]] = {}
         self._hooks = []
-        if getattr(self.method, "xlayer", False):
+        if self.selector is not None and self.selector.plan.xlayer:
             for t in self.sparse_layers:
                 self.xlayer_targets.setdefault(max(t - self.cfg.lead, 0), []).append(t)
             if lean is None:

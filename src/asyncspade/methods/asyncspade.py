@@ -8,87 +8,13 @@ Forecasters (``cfg.predictor``):
 - ``hybrid`` (default): the step-ahead ridge pass keeps ``superset * k`` candidates, and the cross-layer query picks
   the exact top-k among them. The full scan enjoys a step of slack; the late refinement touches only the superset.
 
-Everything here only reads what exists when the selection would start, so the asynchronous selector can run the
-very same functions on another core (``selector.py``); only *when* they run changes.
+The method only routes the runtime's hooks to the selector (``ctx.selector``); the passes, and which of them run
+(the selector's plan), live in :mod:`asyncspade.selection`, so the in-process selector and the workers on another
+core run the very same code; only *when* it runs changes.
 """
 from __future__ import annotations
 
-import torch
-
-from ..config import SparseConfig
-from ..predictor import QueryWindows, forecast
-from ..scoring import topk_among, topk_pages, topk_tokens
 from .base import Selection, SelectionMethod
-
-
-def ahead_width(cfg: SparseConfig, max_tokens: int) -> int:
-    """Entries the step-ahead pass keeps per (slot, layer, KV head)."""
-    hybrid = cfg.predictor == "hybrid"
-    m = min(cfg.superset * cfg.k_mid if hybrid else cfg.k_mid, max_tokens - cfg.sink)
-    if cfg.prefilter == "pages" and hybrid:
-        m = max(cfg.page_size, m - m % cfg.page_size)          # whole pages
-    return m
-
-
-def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
-                    n_tokens: int, scale: float) -> torch.Tensor:
-    """Token positions of the top ``n_tokens // page_size`` pages overlapping ``[sink, hi)`` by the Quest bound of
-    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller."""
-    ps = cfg.page_size
-    n_pages = max(1, n_tokens // ps)
-    pages = topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
-                       min_width=n_pages)
-    return (pages[..., None] * ps + torch.arange(ps)).flatten(-2)
-
-
-def temporal_pass(cfg: SparseConfig, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
-                  lengths: torch.Tensor, q: torch.Tensor, scale: float, width: int,
-                  pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query ``q_hat`` and
-    return the top-``width`` positions for the next step ``[B, KVH, width]`` and ``q_hat [B, H, D]``.
-
-    ``keys`` is the slot range's whole key buffer ``[B, KVH, max_tokens, D]``; ``lengths`` the tokens visible now.
-    The next step's cache holds ``lengths + 1`` tokens, whose newest ``recent`` are attended anyway.
-    With ``cfg.prefilter == "pages"``, ``pages`` = (page min, page max) of the rows and only the keys of the pages
-    the forecast query ranks highest are read: an eighth of the bytes of a full key scan for the page bounds.
-    """
-    windows.push(li, lo, hi, q)
-    w, count = windows.get(li, lo, hi)
-    q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
-    hi_next = lengths + 1 - cfg.recent
-    hybrid = cfg.predictor == "hybrid"
-    if hybrid and width >= int(hi_next.max()) - cfg.sink:
-        # the superset holds every candidate position: nothing to rank (the cross-layer pass masks those >= hi)
-        pos = torch.arange(cfg.sink, cfg.sink + width).clamp(max=keys.shape[2] - 1)
-        return pos.expand(keys.shape[0], keys.shape[1], width).clone(), q_hat
-    if cfg.prefilter == "pages":
-        n_tokens = width if hybrid else max(width, cfg.superset * cfg.k_mid)
-        # the last page may reach past the store's end: clamp (such positions are >= hi, masked downstream)
-        cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, n_tokens, scale).clamp(max=keys.shape[2] - 1)
-        if hybrid:                                             # the pages are the superset
-            return cand, q_hat
-        valid = (cand >= cfg.sink) & (cand < hi_next.view(-1, 1, 1))
-        return topk_among(q_hat, keys, cand, width, scale, cfg.aggregate, valid=valid), q_hat
-    return topk_tokens(q_hat, keys, cfg.sink, hi_next, width, scale, cfg.aggregate, min_width=width), q_hat
-
-
-def xlayer_pass(cfg: SparseConfig, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
-                cand: torch.Tensor | None, cand_ok: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-k for the current step (cache of ``lengths`` tokens) with the cross-layer query ``q_x [B, H, D]``, over
-    every candidate key, or only among the step-ahead candidates ``cand [B, KVH, M]``.
-
-    ``cand_ok [B]`` marks the rows whose candidates were made for this step; the others (a sequence adopted from a
-    filled cache has had no step-ahead pass yet) score every key."""
-    hi = lengths - cfg.recent
-    if cand is None or (cand_ok is not None and not bool(cand_ok.any())):
-        return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
-    valid = (cand >= cfg.sink) & (cand < hi.view(-1, 1, 1))
-    idx = topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=valid)
-    if cand_ok is not None and not bool(cand_ok.all()):
-        stale = (~cand_ok).nonzero().flatten()
-        idx[stale] = topk_tokens(q_x[stale], keys[stale], cfg.sink, hi[stale], cfg.k_mid, scale, cfg.aggregate,
-                                 min_width=cfg.k_mid)
-    return idx
 
 
 class AsyncSpade(SelectionMethod):
@@ -99,19 +25,13 @@ class AsyncSpade(SelectionMethod):
     def needs_pages(cls, cfg):
         return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
 
-    def __init__(self, cfg: SparseConfig):
-        super().__init__(cfg)
-        self.temporal = cfg.predictor in ("ridge", "hybrid")
-        self.xlayer = cfg.predictor in ("xlayer", "hybrid")
-
     def select(self, ctx, layer, q, batch):
         return Selection(ctx.selector.get(layer, batch, q))
 
     def observe(self, ctx, layer, q, batch):
-        if self.temporal:
+        if ctx.selector.plan.temporal:
             ctx.selector.on_query(layer, q, batch)
 
     def before_layer(self, ctx, layer, forecast, batch):
-        if self.xlayer:
-            for target in ctx.xlayer_targets.get(layer, ()):
-                ctx.selector.on_xlayer(target, forecast(target), batch)
+        for target in ctx.xlayer_targets.get(layer, ()):     # filled only when the plan has a cross-layer pass
+            ctx.selector.on_xlayer(target, forecast(target), batch)

@@ -1,5 +1,5 @@
-"""The cache rank over ``torch.distributed``: the asynchronous selector of :mod:`asyncspade.cache_rank` for a cache
-rank that shares no memory with the inference rank (another device or host).
+"""The ``torch.distributed`` transport: a cache rank that shares no memory with the inference rank (another device or
+host).
 
 The worker is rank 1 of a private two-rank group (gloo over loopback here; NCCL would be the choice between GPUs).
 It keeps its own copy of the sparse layers' keys (plus page min/max for the page prefilter) and its own query
@@ -9,9 +9,9 @@ windows; only indices come back.
   per sequence in decode (piggybacked on the job), the whole prompt after a prefill (KEYS messages of ``CHUNK``
   rows). Keys of non-final prefill chunks, of skipped temporal passes and of the ``xlayer``-only predictor (no
   temporal jobs) thus all arrive before any pass scores them.
-- Jobs: TEMPORAL carries a layer's real queries, XLAYER the cross-layer forecast; the worker runs the very
-  functions :class:`~asyncspade.selector.SyncSelector` runs, on the same data, and sends back the selection the
-  decode loop will use (``[slots, kv_heads, k]`` indices plus the target cache length of each row).
+- Jobs: TEMPORAL carries a layer's real queries, XLAYER the cross-layer forecast; the worker runs them on a
+  :class:`~asyncspade.selection.local.SyncSelector` over its key copy, and sends back the selection the decode loop
+  will use (``[slots, kv_heads, k]`` indices plus the target cache length of each row).
 - Every tag has one message size (gloo aborts the process on a size mismatch): an int64 header, then payloads of
   agreed shapes, zero-padded.
 
@@ -21,7 +21,8 @@ the background, in order); a reaper thread waits them out (releasing their buffe
 of jobs in flight), and a receiver thread blocks on results and publishes them under a condition variable. The
 decode loop checks the published selections without blocking and, when late, waits on the condition with a
 timeout. Faults (the worker dies: the threads see the connection drop; or it stops answering for ``timeout_s``)
-switch to the in-process SyncSelector with a warning, and the group is torn down without another message on it.
+switch to the in-process selector (:class:`~asyncspade.selection.remote.RemoteSelector`), and the group is torn down
+without another message on it.
 """
 from __future__ import annotations
 
@@ -42,11 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .config import SparseConfig
-from .kvcache import Batch, KVStore
-from .methods.asyncspade import ahead_width
-from .scoring import topk_tokens
-from .selector import SyncSelector, in_process_fallback
+from ..config import SparseConfig
+from ..kvcache import Batch, KVStore
+from .local import SyncSelector
+from .remote import RemoteSelector
 
 RESET, TEMPORAL, XLAYER, KEYS, STOP = range(5)
 T_HEAD, T_QWIN, T_Q1, T_QX, T_KROW, T_KCHUNK, T_RESULT = range(1, 8)   # one tag per message shape
@@ -113,7 +113,7 @@ class _CacheRank:
 
     def __init__(self, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int, track_pages: bool,
                  page_size: int, scale: float):
-        self.cfg, self.wire = cfg, wire
+        self.wire = wire
         # keys only: the values are never touched (calloc'd pages cost nothing until written)
         self.store = KVStore(num_sparse, wire.slots, wire.kv_heads, max_tokens, wire.head_dim, wire.dtype,
                              page_size, track_pages)
@@ -148,7 +148,7 @@ class _CacheRank:
 
     def run(self, pg) -> None:
         self.pg = pg
-        w, cfg, s = self.wire, self.cfg, self.wire.slots
+        w, s = self.wire, self.wire.slots
         head, chunk, rows, qx = w.head(), w.key_chunk(), w.key_rows(), w.xquery()
         qbuf = {1: w.queries(1), w.window: w.queries(w.window)}
         while True:
@@ -172,16 +172,10 @@ class _CacheRank:
                 for b, p in enumerate(kpos):
                     if p >= 0:
                         self.add_keys(li, lo + b, p, rows[lo + b, :, None])
-            batch = Batch(lo, hi, lengths, 0)                  # the cache holds ``lengths`` tokens now
-            sel = self.selector
-            if kind == TEMPORAL:
-                sel.on_query(li, q, batch)
-                # a reply only when the pass ran (not while the next step is dense) and is the final selection
-                if not sel.xlayer and cfg.sparse_at(int(lengths.max()) + 1):
-                    self.reply(li, lo, hi, serial, lengths + 1, sel.ahead[lo:hi, li])
-            else:
-                sel.on_xlayer(li, q, batch)
-                self.reply(li, lo, hi, serial, lengths, sel.chosen[lo:hi, li])
+            # the cache holds ``lengths`` tokens now; a reply only when the pass made the final selection
+            got = self.selector.answer(kind == XLAYER, li, q, Batch(lo, hi, lengths, 0))
+            if got is not None:
+                self.reply(li, lo, hi, serial, *got)
 
 
 def _worker_main(backend: str, path: str, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int,
@@ -207,35 +201,26 @@ def _short(e: BaseException) -> str:
     return text.split(". ")[0].splitlines()[0][:120] if text else type(e).__name__
 
 
-class DistSelector:
-    """The inference rank's side: ships keys and jobs, picks up returned selections, counts late steps.
+class DistSelector(RemoteSelector):
+    """The inference rank's side over torch.distributed: ships keys and jobs, receives selections.
 
-    Same interface as :class:`~asyncspade.cache_rank.AsyncSelector`. Beyond it: ``wait_s`` also counts the time
-    the decode loop blocked because the worker was more than ``2 * len(sparse_layers) + 2`` jobs behind; results
-    for a slot's previous occupant are dropped (job serials); a step no job was posted for (a sequence adopted
-    with a filled cache) is served at once with the exact top-k of the current query instead of timing out.
-    The rendezvous is a FileStore in a fresh temporary folder: a TCPStore master would listen on every interface.
+    Beyond the base: ``wait_s`` also counts the time the decode loop blocked because the worker was more than
+    ``2 * len(sparse_layers) + 2`` jobs behind; results for a slot's previous occupant are dropped (job serials), so
+    a result's tag is just its target cache length. The rendezvous is a FileStore in a fresh temporary folder: a
+    TCPStore master would listen on every interface.
     """
 
     def __init__(self, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int], scale: float,
                  on_late: str = "wait", timeout_s: float = 10.0, backend: str = "gloo"):
-        if on_late not in ("wait", "reuse"):
-            raise ValueError("on_late must be 'wait' or 'reuse'")
         if backend not in GROUPS:
             raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(GROUPS)}")
-        self.cfg, self.store, self.scale, self.on_late = cfg, store, scale, on_late
-        self.num_heads, self.sparse_layers, self.timeout_s = num_heads, sparse_layers, timeout_s
-        self.li = {layer: i for i, layer in enumerate(sparse_layers)}
-        self.temporal = cfg.predictor in ("ridge", "hybrid")
-        self.xlayer = cfg.predictor in ("xlayer", "hybrid")
-        n, s = len(sparse_layers), store.slots
-        k_res = cfg.k_mid if self.xlayer else ahead_width(cfg, store.max_tokens)
+        super().__init__(cfg, store, num_heads, sparse_layers, scale, on_late, timeout_s)
+        n, s, k_res = len(sparse_layers), store.slots, self.plan.result_width
         self.wire = Wire(s, num_heads, store.kv_heads, store.head_dim, cfg.window, k_res, store.dtype)
         self._synced = np.zeros((s, n), dtype=np.int64)     # key rows the worker holds per (slot, sparse layer)
         self._serial = 0                                     # jobs posted
         self._epoch = np.zeros(s, dtype=np.int64)            # serial of each slot's reset: older results are stale
         self._done = np.full((s, n), -1, dtype=np.int64)     # target cache length of the selection in _sel
-        self._asked = np.full((s, n), -1, dtype=np.int64)    # target of the newest job that will send one back
         self._sel = torch.zeros(s, n, store.kv_heads, k_res, dtype=torch.int64)
         self._cv = threading.Condition()
         self._fault: str | None = None
@@ -244,10 +229,6 @@ class DistSelector:
         self._threads: list[threading.Thread] = []
         self._down = False
         self.pg = None
-        self.fallback: SyncSelector | None = None
-        self.steps = 0            # selections handed to the decode loop
-        self.late = 0             # of which were not ready in time
-        self.wait_s = 0.0         # total time the decode loop blocked on the worker
 
         self.rendezvous = tempfile.mkdtemp(prefix="asyncspade-rdzv-")    # fresh: a stale file breaks the init
         self._remove_rendezvous = weakref.finalize(self, shutil.rmtree, self.rendezvous, True)   # even unclosed
@@ -354,92 +335,57 @@ class DistSelector:
         self._start_fallback(self._reason())
         return False
 
-    def reset(self, lo: int, hi: int) -> None:
-        if self._check():
-            self._fb_t[lo:hi] = self._fb_x[lo:hi] = -1
-            return self.fallback.reset(lo, hi)
+    def _tags(self, lo: int, hi: int, lengths: np.ndarray) -> np.ndarray:
+        return lengths                  # stale results never reach _done: the receiver drops them by job serial
+
+    def _post_reset(self, lo: int, hi: int) -> None:
         h = self._head(RESET, 0, lo, hi, 0)
         with self._cv:
             self._epoch[lo:hi] = self._serial
             self._done[lo:hi] = -1
         self._synced[lo:hi] = 0
-        self._asked[lo:hi] = -1
         self._put([(T_HEAD, h)])
 
-    def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
-        if not self._check():
-            li = self.li[layer]
-            msgs, kpos, rows = self._sync_keys(li, layer, batch, batch.lengths)   # written before this call
-            nq = min(q.shape[2], self.cfg.window)
-            qbuf = self.wire.queries(nq)
-            qbuf[batch.lo:batch.hi, :, -nq:] = q[:, :, -nq:]
-            msgs += [(T_HEAD, self._head(TEMPORAL, li, batch.lo, batch.hi, nq, batch.lengths, kpos)),
-                     (T_Q1 if nq == 1 else T_QWIN, qbuf)]
-            if self._put(msgs + ([(T_KROW, rows)] if rows is not None else [])):
-                if not self.xlayer and self.cfg.sparse_at(batch.max_len + 1):   # the worker will answer
-                    self._asked[batch.lo:batch.hi, li] = batch.lengths.numpy() + 1
-                return
-        self.fallback.on_query(layer, q, batch)
-        self._fb_t[batch.lo:batch.hi, self.li[layer]] = batch.lengths.numpy() + 1
+    def _post_query(self, li: int, layer: int, q: torch.Tensor, batch: Batch) -> bool:
+        msgs, kpos, rows = self._sync_keys(li, layer, batch, batch.lengths)   # written before this call
+        nq = min(q.shape[2], self.cfg.window)
+        qbuf = self.wire.queries(nq)
+        qbuf[batch.lo:batch.hi, :, -nq:] = q[:, :, -nq:]
+        msgs += [(T_HEAD, self._head(TEMPORAL, li, batch.lo, batch.hi, nq, batch.lengths, kpos)),
+                 (T_Q1 if nq == 1 else T_QWIN, qbuf)]
+        return self._put(msgs + ([(T_KROW, rows)] if rows is not None else []))
 
-    def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
-        if not self._check():
-            li = self.li[layer]
-            msgs, kpos, rows = self._sync_keys(li, layer, batch, batch.start)     # this step's key comes later
-            qx = self.wire.xquery()
-            qx[batch.lo:batch.hi] = q_x
-            msgs += [(T_HEAD, self._head(XLAYER, li, batch.lo, batch.hi, 1, batch.lengths, kpos)), (T_QX, qx)]
-            if self._put(msgs + ([(T_KROW, rows)] if rows is not None else [])):
-                self._asked[batch.lo:batch.hi, li] = batch.lengths.numpy()
-                return
-        self.fallback.on_xlayer(layer, q_x, batch)
-        self._fb_x[batch.lo:batch.hi, self.li[layer]] = batch.lengths.numpy()
+    def _post_xlayer(self, li: int, layer: int, q_x: torch.Tensor, batch: Batch) -> bool:
+        msgs, kpos, rows = self._sync_keys(li, layer, batch, batch.start)     # this step's key comes later
+        qx = self.wire.xquery()
+        qx[batch.lo:batch.hi] = q_x
+        msgs += [(T_HEAD, self._head(XLAYER, li, batch.lo, batch.hi, 1, batch.lengths, kpos)), (T_QX, qx)]
+        return self._put(msgs + ([(T_KROW, rows)] if rows is not None else []))
 
     # ------------------------------------------------------------------ picking up results
-    def get(self, layer: int, batch: Batch, q_now: torch.Tensor | None = None) -> torch.Tensor:
-        if self._check():
-            return self._fallback_get(layer, batch, q_now)
-        li, k = self.li[layer], self.cfg.k_mid
-        lengths = batch.lengths.numpy()
-        need = self.cfg.sparse_at(lengths)                # rows that attend sparsely this step
-        rows = slice(batch.lo, batch.hi)
-        self.steps += 1
-        if np.any(self._asked[rows, li][need] != lengths[need]):
-            # no job could produce this selection (a sequence adopted with its cache already filled, no step
-            # before): waiting would only time out, so this once select with the current query
-            self.late += 1
-            return self._exact(layer, batch, q_now)
+    def _published(self, li: int, rows: slice) -> np.ndarray:
         with self._cv:
-            ready = bool(np.all(self._done[rows, li][need] == lengths[need]))
-            if not ready:
-                self.late += 1
-                t0 = time.perf_counter()
-                if self.on_late == "reuse" and np.all(self._done[rows, li][need] >= lengths[need] - 1):
-                    self.wait_s += time.perf_counter() - t0
-                    return self._sel[rows, li, :, :k].clone()          # the previous step's set
-                t_end = t0 + self.timeout_s
-                while not ready and self._fault is None and self.proc.is_alive():
-                    left = t_end - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cv.wait(min(left, 0.5))
-                    ready = bool(np.all(self._done[rows, li][need] == lengths[need]))
-                self.wait_s += time.perf_counter() - t0
-            if ready:
-                return self._sel[rows, li, :, :k].clone()
-        self._start_fallback(self._reason() + " while the decode loop waited for a selection")
-        return self._fallback_get(layer, batch, q_now)
+            return self._done[rows, li].copy()
 
-    @property
-    def late_rate(self) -> float:
-        return self.late / self.steps if self.steps else 0.0
+    def _wait(self, ready) -> bool:
+        t_end = time.perf_counter() + self.timeout_s
+        with self._cv:
+            while not (ok := ready()) and self._fault is None and self.proc.is_alive():
+                left = t_end - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.5))
+        if not ok:
+            self._start_fallback(self._reason() + " while the decode loop waited for a selection")
+        return ok
+
+    def _take(self, li: int, batch: Batch, target: np.ndarray) -> torch.Tensor:
+        with self._cv:                  # the newest result received: this step's, or the previous one (reuse)
+            return self._sel[batch.lo:batch.hi, li, :, :self.cfg.k_mid].clone()
 
     # ------------------------------------------------------------------ faults
-    def _check(self) -> bool:
-        """True once selection runs in-process; starts it if a thread reported a fault."""
-        if self.fallback is None and self._fault is not None:
-            self._start_fallback(self._reason())
-        return self.fallback is not None
+    def _async_fault(self) -> str | None:
+        return None if self._fault is None else self._reason()
 
     def _reason(self) -> str:
         if self._fault is not None:
@@ -448,35 +394,8 @@ class DistSelector:
             return f"the cache-rank worker died (exit code {self.proc.exitcode})"
         return self._fault or f"the cache-rank worker stopped answering for {self.timeout_s:g} s"
 
-    def _start_fallback(self, why: str) -> None:
-        if self.fallback is not None:
-            return
-        self.fallback = in_process_fallback(why, self.cfg, self.store, self.num_heads, self.sparse_layers,
-                                            self.scale)
-        # cache length each (slot, layer)'s in-process selection is for: its windows start empty and the passes
-        # it missed (earlier layers of the step in progress) left nothing behind
-        self._fb_t = np.full_like(self._done, -1)
-        self._fb_x = np.full_like(self._done, -1)
+    def _shutdown(self) -> None:
         self._teardown(graceful=False)
-
-    def _fallback_get(self, layer: int, batch: Batch, q_now: torch.Tensor | None) -> torch.Tensor:
-        li, c = self.li[layer], self.cfg
-        lengths = batch.lengths.numpy()
-        need = c.sparse_at(lengths)
-        rows = slice(batch.lo, batch.hi)
-        ok = ((not self.temporal or np.all(self._fb_t[rows, li][need] == lengths[need]))
-              and (not self.xlayer or np.all(self._fb_x[rows, li][need] == lengths[need])))
-        if ok:
-            return self.fallback.get(layer, batch)
-        return self._exact(layer, batch, q_now)     # the in-process selector has not caught up with this layer
-
-    def _exact(self, layer: int, batch: Batch, q_now: torch.Tensor | None) -> torch.Tensor:
-        """The exact top-k of the current query: for steps no ahead-of-time selection exists for."""
-        if q_now is None:
-            raise RuntimeError("selection unavailable")
-        c = self.cfg
-        keys = self.store.k[layer, batch.lo:batch.hi]
-        return topk_tokens(q_now, keys, c.sink, batch.lengths - c.recent, c.k_mid, self.scale, c.aggregate)
 
     # ------------------------------------------------------------------ shutdown
     def _teardown(self, graceful: bool) -> None:

@@ -1,0 +1,94 @@
+"""The in-process selector: each ahead-of-time selection computed at the moment it becomes possible, right after
+layer l produced its query (step-ahead pass) or when the residual enters layer l - lead (cross-layer pass).
+
+This is the synchronous simulation, and also the engine of both workers: the shared-memory worker and the
+distributed cache rank each run one over their data, so they select exactly the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import SparseConfig
+from ..kvcache import Batch, KVStore
+from ..predictor import QueryWindows
+from .passes import temporal_pass, xlayer_pass
+from .plan import SelectionPlan
+
+
+class SyncSelector:
+    # nothing is ever late in-process
+    steps = late = 0
+    wait_s = late_rate = 0.0
+
+    def __init__(self, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int], scale: float):
+        self.plan = plan = SelectionPlan.of(cfg, store.max_tokens)
+        self.cfg, self.store, self.scale = cfg, store, scale
+        self.li = {layer: i for i, layer in enumerate(sparse_layers)}
+        n, s, kvh = len(sparse_layers), store.slots, store.kv_heads
+        if plan.temporal:
+            self.windows = QueryWindows(s, n, num_heads, cfg.window, store.head_dim)
+            self.ahead = torch.zeros(s, n, kvh, plan.ahead_width, dtype=torch.int64)
+            self.ahead_len = torch.full((s, n), -1, dtype=torch.int64)     # cache length each was made for
+        if plan.xlayer:
+            self.chosen = torch.zeros(s, n, kvh, cfg.k_mid, dtype=torch.int64)
+        self.forecast_q = torch.zeros(n, s, num_heads, store.head_dim)  # the query each latest selection used
+
+    @property
+    def width(self) -> int:
+        return self.plan.ahead_width
+
+    def reset(self, lo: int, hi: int) -> None:
+        """A new sequence takes slots ``[lo, hi)``: forget the previous occupant's queries."""
+        if self.plan.temporal:
+            self.windows.reset(lo, hi)
+            self.ahead_len[lo:hi] = -1
+
+    def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
+        """Layer ``layer`` produced its real queries ``[B, H, L, D]``: select for the next step."""
+        li = self.li[layer]
+        if not self.cfg.sparse_at(batch.max_len + 1):  # next step is dense for every row: only keep the window
+            self.windows.push(li, batch.lo, batch.hi, q)
+            return
+        keys = self.store.k[layer, batch.lo:batch.hi]
+        idx, q_hat = temporal_pass(self.plan, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
+                                   self.scale, self.store.pages(layer, batch.lo, batch.hi))
+        self.ahead[batch.lo:batch.hi, li] = idx
+        self.ahead_len[batch.lo:batch.hi, li] = batch.lengths + 1
+        if not self.plan.xlayer:
+            self.forecast_q[li, batch.lo:batch.hi] = q_hat
+
+    def on_xlayer(self, layer: int, q_x: torch.Tensor, batch: Batch) -> None:
+        """The cross-layer forecast of ``layer``'s query for the current step is known: select for it."""
+        li = self.li[layer]
+        cand = cand_ok = None
+        if self.plan.temporal:
+            cand = self.ahead[batch.lo:batch.hi, li]
+            cand_ok = self.ahead_len[batch.lo:batch.hi, li] == batch.lengths
+        keys = self.store.k[layer, batch.lo:batch.hi]
+        self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.plan, q_x, keys, batch.lengths, self.scale, cand,
+                                                         cand_ok)
+        self.forecast_q[li, batch.lo:batch.hi] = q_x
+
+    def get(self, layer: int, batch: Batch, q_now: torch.Tensor | None = None) -> torch.Tensor:
+        """The selection for ``layer`` at the current step, ``[B, KVH, k]`` (``q_now`` is not used: it only exists
+        for the remote selectors' fault path)."""
+        src = self.chosen if self.plan.xlayer else self.ahead
+        return src[batch.lo:batch.hi, self.li[layer]]
+
+    def answer(self, xlayer: bool, layer: int, q: torch.Tensor,
+               batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A worker's job: run the cross-layer pass (``xlayer``) or the step-ahead pass for ``batch``. Returns
+        (the cache length each row's selection is for ``[B]``, the selection ``[B, KVH, width]``) when the pass made
+        the selection the decode loop will take, else None."""
+        if xlayer:
+            self.on_xlayer(layer, q, batch)
+            return batch.lengths, self.get(layer, batch)
+        self.on_query(layer, q, batch)
+        return (batch.lengths + 1, self.get(layer, batch)) if self.plan.ahead_is_final(batch.max_len) else None
+
+    def forecast(self, layer: int, batch: Batch) -> torch.Tensor:
+        """The query ``[B, H, D]`` that chose ``layer``'s current selection for the batch's rows (diagnostics)."""
+        return self.forecast_q[self.li[layer], batch.lo:batch.hi]
+
+    def close(self) -> None:
+        pass

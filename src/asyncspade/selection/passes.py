@@ -1,0 +1,79 @@
+"""The passes of an ahead-of-time selection, as pure functions of the plan and the data that exists when each
+may start. The in-process selector and the workers run these very functions; only *when* they run differs.
+
+- temporal (step-ahead): after layer l of step t has produced its query, forecast q_{t+1} with the temporal ridge
+  predictor and pick step t+1's tokens (``ridge``) or a superset of ``superset * k`` candidates (``hybrid``) from
+  every key visible now, or only from the pages the forecast ranks highest (page prefilter). A whole step of slack.
+- cross-layer: when the residual stream enters layer l - lead of step t, layer l's query computed from it picks the
+  exact top-k from every key (``xlayer``) or among the step-ahead candidates (``hybrid``). ``lead`` layers of slack.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import SparseConfig
+from ..predictor import QueryWindows, forecast
+from ..scoring import topk_among, topk_pages, topk_tokens
+from .plan import SelectionPlan
+
+
+def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
+                    n_tokens: int, scale: float) -> torch.Tensor:
+    """Token positions of the top ``n_tokens // page_size`` pages overlapping ``[sink, hi)`` by the Quest bound of
+    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller."""
+    ps = cfg.page_size
+    n_pages = max(1, n_tokens // ps)
+    pages = topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
+                       min_width=n_pages)
+    return (pages[..., None] * ps + torch.arange(ps)).flatten(-2)
+
+
+def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
+                  lengths: torch.Tensor, q: torch.Tensor, scale: float,
+                  pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push the real queries ``q [B, H, L, D]`` of rows ``[lo, hi)``, forecast the next step's query ``q_hat`` and
+    return the top-``plan.ahead_width`` positions for the next step ``[B, KVH, width]`` and ``q_hat [B, H, D]``.
+
+    ``keys`` is the slot range's whole key buffer ``[B, KVH, max_tokens, D]``; ``lengths`` the tokens visible now.
+    The next step's cache holds ``lengths + 1`` tokens, whose newest ``recent`` are attended anyway.
+    With the page prefilter, ``pages`` = (page min, page max) of the rows and only the keys of the pages the
+    forecast query ranks highest are read: an eighth of the bytes of a full key scan for the page bounds.
+    """
+    cfg, width = plan.cfg, plan.ahead_width
+    windows.push(li, lo, hi, q)
+    w, count = windows.get(li, lo, hi)
+    q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
+    hi_next = lengths + 1 - cfg.recent
+    if plan.hybrid and width >= int(hi_next.max()) - cfg.sink:
+        # the superset holds every candidate position: nothing to rank (the cross-layer pass masks those >= hi)
+        pos = torch.arange(cfg.sink, cfg.sink + width).clamp(max=keys.shape[2] - 1)
+        return pos.expand(keys.shape[0], keys.shape[1], width).clone(), q_hat
+    if plan.page_prefilter:
+        # the last page may reach past the store's end: clamp (such positions are >= hi, masked downstream)
+        cand = page_candidates(cfg, q_hat, pages[0], pages[1], hi_next, plan.prefilter_tokens,
+                               scale).clamp(max=keys.shape[2] - 1)
+        if plan.hybrid:                                        # the pages are the superset
+            return cand, q_hat
+        valid = (cand >= cfg.sink) & (cand < hi_next.view(-1, 1, 1))
+        return topk_among(q_hat, keys, cand, width, scale, cfg.aggregate, valid=valid), q_hat
+    return topk_tokens(q_hat, keys, cfg.sink, hi_next, width, scale, cfg.aggregate, min_width=width), q_hat
+
+
+def xlayer_pass(plan: SelectionPlan, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
+                cand: torch.Tensor | None, cand_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k for the current step (cache of ``lengths`` tokens) with the cross-layer query ``q_x [B, H, D]``, over
+    every candidate key, or only among the step-ahead candidates ``cand [B, KVH, M]``.
+
+    ``cand_ok [B]`` marks the rows whose candidates were made for this step; the others (a sequence adopted from a
+    filled cache has had no step-ahead pass yet) score every key."""
+    cfg = plan.cfg
+    hi = lengths - cfg.recent
+    if cand is None or (cand_ok is not None and not bool(cand_ok.any())):
+        return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
+    valid = (cand >= cfg.sink) & (cand < hi.view(-1, 1, 1))
+    idx = topk_among(q_x, keys, cand, cfg.k_mid, scale, cfg.aggregate, valid=valid)
+    if cand_ok is not None and not bool(cand_ok.all()):
+        stale = (~cand_ok).nonzero().flatten()
+        idx[stale] = topk_tokens(q_x[stale], keys[stale], cfg.sink, hi[stale], cfg.k_mid, scale, cfg.aggregate,
+                                 min_width=cfg.k_mid)
+    return idx

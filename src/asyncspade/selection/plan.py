@@ -1,0 +1,52 @@
+"""What the ahead-of-time selection of ``lastq`` / ``asyncspade`` does, derived once from the settings."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..config import SparseConfig
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """The passes an ahead-of-time selection runs and the widths they keep. Everything that follows from the
+    forecaster (``cfg.predictor``), the page prefilter and the store size is decided here and nowhere else; the
+    selectors (in-process, worker, cache rank) and the method read it."""
+    cfg: SparseConfig
+    temporal: bool          # a step-ahead pass after each sparse layer's attention: ridge forecast of the next query
+    xlayer: bool            # a cross-layer pass when the residual enters layer l - lead; it makes the final selection
+    page_prefilter: bool    # the step-ahead pass pre-selects pages by the Quest bound of the forecast query
+    ahead_width: int        # entries the step-ahead pass keeps per (slot, layer, KV head)
+    prefilter_tokens: int   # tokens in the pages the prefilter keeps (with page_prefilter)
+
+    @property
+    def hybrid(self) -> bool:
+        """The step-ahead pass proposes a superset; the cross-layer query picks the top-k inside it."""
+        return self.temporal and self.xlayer
+
+    @property
+    def result_width(self) -> int:
+        """Entries per (row, KV head) of the selection the decode loop takes (the final pass's output)."""
+        return self.cfg.k_mid if self.xlayer else self.ahead_width
+
+    def ahead_is_final(self, max_len: int) -> bool:
+        """Whether the step-ahead pass run when the longest row's cache holds ``max_len`` tokens makes the selection
+        the decode loop takes at the next step: no cross-layer pass follows, and that step is sparse for some row
+        (otherwise the pass only keeps the query window)."""
+        return not self.xlayer and self.cfg.sparse_at(max_len + 1)
+
+    @classmethod
+    @functools.cache
+    def of(cls, cfg: SparseConfig, max_tokens: int) -> "SelectionPlan":
+        """The plan for settings ``cfg`` over a store of ``max_tokens`` positions per slot (one object per
+        process for equal arguments: every selector of one runtime shares it)."""
+        temporal = cfg.predictor in ("ridge", "hybrid")
+        xlayer = cfg.predictor in ("xlayer", "hybrid")
+        hybrid = temporal and xlayer
+        pages = cfg.prefilter == "pages"
+        width = min(cfg.superset * cfg.k_mid if hybrid else cfg.k_mid, max_tokens - cfg.sink)
+        if pages and hybrid:
+            width = max(cfg.page_size, width - width % cfg.page_size)          # whole pages
+        # the prefilter's pages are the superset (hybrid), or hold superset * k tokens to rank (ridge)
+        tokens = (width if hybrid else max(width, cfg.superset * cfg.k_mid)) if pages else 0
+        return cls(cfg, temporal, xlayer, pages, width, tokens)
