@@ -19,6 +19,9 @@ from .selection import Selector, make_selector
 
 
 class SparseRuntime:
+    """Also the context every method hook receives: it offers what
+    :class:`~asyncspade.methods.base.SelectionContext` lists (store, selector, scale, kv_heads, xlayer_targets)."""
+
     def __init__(self, model, cfg: SparseConfig, store: KVStore, selector: str = "sync", on_late: str = "wait",
                  writes_kv: bool = True, lean=None):
         self.layers = list(model.model.layers)

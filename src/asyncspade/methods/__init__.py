@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import SparseConfig
-from .base import Selection, SelectionMethod
+from .base import Selection, SelectionContext, SelectionMethod
 from .full import Full
 from .streaming import Streaming
 from .oracle import Oracle
@@ -25,4 +25,4 @@ def make_method(cfg: SparseConfig) -> SelectionMethod:
     return method_class(cfg)(cfg)
 
 
-__all__ = ["REGISTRY", "Selection", "SelectionMethod", "make_method", "method_class"]
+__all__ = ["REGISTRY", "Selection", "SelectionContext", "SelectionMethod", "make_method", "method_class"]

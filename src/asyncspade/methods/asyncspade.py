@@ -14,7 +14,12 @@ core run the very same code; only *when* it runs changes.
 """
 from __future__ import annotations
 
-from .base import Selection, SelectionMethod
+from collections.abc import Callable
+
+import torch
+
+from ..kvcache import Batch
+from .base import Selection, SelectionContext, SelectionMethod
 
 
 class AsyncSpade(SelectionMethod):
@@ -25,13 +30,14 @@ class AsyncSpade(SelectionMethod):
     def needs_pages(cls, cfg):
         return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
 
-    def select(self, ctx, layer, q, batch):
+    def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection:
         return Selection(ctx.selector.get(layer, batch, q))
 
-    def observe(self, ctx, layer, q, batch):
+    def observe(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> None:
         if ctx.selector.plan.temporal:
             ctx.selector.on_query(layer, q, batch)
 
-    def before_layer(self, ctx, layer, forecast, batch):
+    def before_layer(self, ctx: SelectionContext, layer: int, forecast: Callable[[int], torch.Tensor],
+                     batch: Batch) -> None:
         for target in ctx.xlayer_targets.get(layer, ()):     # filled only when the plan has a cross-layer pass
             ctx.selector.on_xlayer(target, forecast(target), batch)

@@ -1,11 +1,15 @@
-"""The interface every selection method implements."""
+"""The interface every selection method implements, and what it may use of the runtime that drives it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..config import SparseConfig
+from ..kvcache import Batch, KVStore
+from ..selection.base import Selector
 
 
 @dataclass
@@ -16,6 +20,15 @@ class Selection:
     """
     idx: torch.Tensor
     valid: torch.Tensor | None = None
+
+
+class SelectionContext(Protocol):
+    """What a method may use of the runtime that drives it (:class:`~asyncspade.runtime.SparseRuntime`)."""
+    store: KVStore                          # keys (and page min/max) of every layer and slot
+    selector: Selector | None               # methods that select ahead: where their selections are computed
+    scale: float                            # the attention's softmax scale
+    kv_heads: int
+    xlayer_targets: dict[int, list[int]]    # layer -> the later layers whose queries its incoming residual forecasts
 
 
 class SelectionMethod:
@@ -30,15 +43,16 @@ class SelectionMethod:
     def __init__(self, cfg: SparseConfig):
         self.cfg = cfg
 
-    def select(self, ctx, layer: int, q: torch.Tensor, batch) -> Selection | None:
+    def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection | None:
         """Called inside a sparse layer's decode attention with the true current query ``q [B, H, D]`` when some
         row's cache exceeds the budget. Return None for dense attention."""
         raise NotImplementedError
 
-    def observe(self, ctx, layer: int, q: torch.Tensor, batch) -> None:
+    def observe(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> None:
         """Called after a sparse layer's attention with its real queries ``[B, H, L, D]`` (decode or final prefill
         chunk). Methods that select ahead feed the selector here."""
 
-    def before_layer(self, ctx, layer: int, forecast, batch) -> None:
+    def before_layer(self, ctx: SelectionContext, layer: int, forecast: Callable[[int], torch.Tensor],
+                     batch: Batch) -> None:
         """Called when the residual stream enters decoder layer ``layer`` during decode; ``forecast(target)`` is
         the cross-layer forecast ``[B, H, D]`` of a later layer's query computed from that residual."""

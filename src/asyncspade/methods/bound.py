@@ -2,7 +2,8 @@
 its TPOT is that of budget-k attention with no selection work at all."""
 import torch
 
-from .base import Selection, SelectionMethod
+from ..kvcache import Batch
+from .base import Selection, SelectionContext, SelectionMethod
 
 
 class Bound(SelectionMethod):
@@ -12,7 +13,7 @@ class Bound(SelectionMethod):
         super().__init__(cfg)
         self._idx: dict[tuple[int, int], torch.Tensor] = {}
 
-    def select(self, ctx, layer, q, batch):
+    def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection:
         key = (layer, batch.size)
         idx = self._idx.get(key)
         if idx is None:                      # spread over the candidates once; reused unchanged afterwards

@@ -2,8 +2,9 @@
 channel-wise min/max, keep the top ``k / page_size`` pages."""
 import torch
 
+from ..kvcache import Batch
 from ..scoring import topk_pages
-from .base import Selection, SelectionMethod
+from .base import Selection, SelectionContext, SelectionMethod
 
 
 class Quest(SelectionMethod):
@@ -13,7 +14,7 @@ class Quest(SelectionMethod):
     def needs_pages(cls, cfg):
         return True
 
-    def select(self, ctx, layer, q, batch):
+    def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection:
         c = self.cfg
         ps = c.page_size
         hi = batch.lengths - c.recent                       # candidate tokens: [sink, hi)
