@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -35,14 +36,9 @@ def in_process_fallback(why: str, cfg: SparseConfig, store: KVStore, num_heads: 
     return SyncSelector(cfg, store, num_heads, sparse_layers, scale)
 
 
-class RemoteSelector:
-    """Posts jobs, picks up published selections, counts late steps, falls back in-process on a fault.
-
-    A transport implements: ``_tags`` (the tag of a selection for given rows and target lengths), ``_post_reset``,
-    ``_post_query`` / ``_post_xlayer`` (False when posting failed and the fallback has started), ``_published`` (the
-    tags of the newest selections published), ``_wait`` (block until a condition holds; False on a fault, after
-    starting the fallback), ``_take`` (a published selection), ``_shutdown`` (stop the worker after a fault, with no
-    further message) and ``close``; ``_async_fault`` where background threads detect faults."""
+class RemoteSelector(ABC):
+    """Posts jobs, picks up published selections, counts late steps, falls back in-process on a fault. A transport
+    implements the abstract methods at the end: it moves jobs and results, and reports faults."""
 
     def __init__(self, cfg: SparseConfig, store: KVStore, num_heads: int, sparse_layers: list[int], scale: float,
                  on_late: str = "wait", timeout_s: float = 10.0):
@@ -152,33 +148,42 @@ class RemoteSelector:
         return topk_tokens(q_now, keys, c.sink, batch.lengths - c.recent, c.k_mid, self.scale, c.aggregate)
 
     # ------------------------------------------------------------------ the transport
+    @abstractmethod
     def _tags(self, lo: int, hi: int, lengths: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The tags of selections for rows ``[lo, hi)`` and target cache ``lengths``."""
 
+    @abstractmethod
     def _post_reset(self, lo: int, hi: int) -> None:
-        raise NotImplementedError
+        """Tell the worker that new sequences take slots ``[lo, hi)``."""
 
+    @abstractmethod
     def _post_query(self, li: int, layer: int, q: torch.Tensor, batch: Batch) -> bool:
-        raise NotImplementedError
+        """Post a step-ahead job; False when the transport failed (the fallback has then started)."""
 
+    @abstractmethod
     def _post_xlayer(self, li: int, layer: int, q_x: torch.Tensor, batch: Batch) -> bool:
-        raise NotImplementedError
+        """Post a cross-layer job; False when the transport failed (the fallback has then started)."""
 
+    @abstractmethod
     def _published(self, li: int, rows: slice) -> np.ndarray:
-        raise NotImplementedError
+        """The tags of the newest selections published for sparse layer ``li`` and slots ``rows``."""
 
+    @abstractmethod
     def _wait(self, ready: Callable[[], bool]) -> bool:
-        raise NotImplementedError
+        """Block until ``ready()``; on a fault start the fallback and return False."""
 
+    @abstractmethod
     def _take(self, li: int, batch: Batch, target: np.ndarray) -> torch.Tensor:
         """The published selection ``[B, KVH, k]`` for cache lengths ``target`` (this step's, or the previous)."""
-        raise NotImplementedError
 
     def _async_fault(self) -> str | None:
+        """A fault that a background thread noticed, if any."""
         return None
 
+    @abstractmethod
     def _shutdown(self) -> None:
-        raise NotImplementedError
+        """Stop the worker after a fault (no further message over a broken link)."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop the worker; idempotent."""
