@@ -19,7 +19,7 @@ from .selection import Selector, make_selector
 
 
 class SparseRuntime:
-    """Also the context every method hook receives: it offers what
+    """The sparse state of one model, and the context every method hook receives: it offers what
     :class:`~asyncspade.methods.base.SelectionContext` lists (store, selector, scale, kv_heads, xlayer_targets)."""
 
     def __init__(self, model, cfg: SparseConfig, store: KVStore, selector: str = "sync", on_late: str = "wait",
