@@ -5,6 +5,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)   # the suite shares 2 cores with worker processes: no OpenMP spinning
+# tests decode tiny caches, where the cost model would (rightly) choose dense attention: sparse from the budget on,
+# here and in every process a test starts (test_costmodel.py covers the cost model itself)
+os.environ["ASYNCSPADE_MIN_SPARSE"] = "0"
 
 from asyncspade.models import tiny_model
 

@@ -25,15 +25,19 @@ def generate(model, tok, cfg, prompts, n, selector, on_late="wait", kill_after=N
     return [s.output_ids for s in seqs], stats
 
 
-@pytest.mark.parametrize("method,predictor,prefilter", [
-    ("lastq", "ridge", "none"), ("asyncspade", "ridge", "none"), ("asyncspade", "xlayer", "none"),
-    ("asyncspade", "hybrid", "none"), ("asyncspade", "ridge", "pages"), ("asyncspade", "hybrid", "pages")])
-def test_async_selects_like_sync(tiny_llama, method, predictor, prefilter):
+@pytest.mark.parametrize("method,predictor,prefilter,refine", [
+    ("lastq", "ridge", "none", {}), ("asyncspade", "ridge", "none", {}), ("asyncspade", "xlayer", "none", {}),
+    ("asyncspade", "hybrid", "none", {}), ("asyncspade", "ridge", "pages", {}), ("asyncspade", "hybrid", "pages", {}),
+    ("asyncspade", "ridge", "pages", {"refine": True, "superset": 2}),
+    ("asyncspade", "ridge", "pages", {"refine": True, "superset": 2, "refresh": 4}),
+    ("lastq", "ridge", "none", {"refine": True, "superset": 2}),
+    ("asyncspade", "xlayer", "none", {"refine": True, "superset": 2})])
+def test_async_selects_like_sync(tiny_llama, method, predictor, prefilter, refine):
     model, tok = tiny_llama
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(100, 5000, (n,), generator=g).tolist() for n in (70, 110, 90)]
     cfg = SparseConfig(method=method, budget=48, sink=4, recent=8, dense_layers=1, predictor=predictor,
-                       prefilter=prefilter, page_size=8)
+                       prefilter=prefilter, page_size=8, **refine)
     sync, _ = generate(model, tok, cfg, prompts, 20, "sync")
     asyn, (steps, late) = generate(model, tok, cfg, prompts, 20, "async")
     assert asyn == sync

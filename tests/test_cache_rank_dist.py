@@ -48,13 +48,14 @@ def run(model, tok, cfg, rounds, dist=False, on_late="wait", timeout_s=10.0, fau
     return outs, sel
 
 
-@pytest.mark.parametrize("method,predictor,prefilter", [
-    ("lastq", "ridge", "none"), ("asyncspade", "ridge", "none"), ("asyncspade", "xlayer", "none"),
-    ("asyncspade", "hybrid", "none"), ("asyncspade", "hybrid", "pages")])
-def test_dist_selects_like_sync(tiny_llama, method, predictor, prefilter):
+@pytest.mark.parametrize("method,predictor,prefilter,refine", [
+    ("lastq", "ridge", "none", {}), ("asyncspade", "ridge", "none", {}), ("asyncspade", "xlayer", "none", {}),
+    ("asyncspade", "hybrid", "none", {}), ("asyncspade", "hybrid", "pages", {}),
+    ("asyncspade", "ridge", "pages", {"refine": True, "superset": 2, "refresh": 4})])
+def test_dist_selects_like_sync(tiny_llama, method, predictor, prefilter, refine):
     model, tok = tiny_llama
     cfg = SparseConfig(method=method, budget=48, sink=4, recent=8, dense_layers=1, predictor=predictor,
-                       prefilter=prefilter, page_size=8)
+                       prefilter=prefilter, page_size=8, **refine)
     sync, _ = run(model, tok, cfg, prompts())
     dist, sel = run(model, tok, cfg, prompts(), dist=True)
     assert dist == sync

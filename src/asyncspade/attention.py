@@ -38,8 +38,8 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, 
     sparse = cfg.sparse_at(end)
     pre = torch.where(sparse, cfg.sink, 0)
     begin = torch.where(sparse, end - cfg.recent, 0)
-    return kernels.attend(qg, k, v, scale, out, begin, end, pre, sel.idx.contiguous(),
-                          None if sel.valid is None else sel.valid.contiguous(), use_idx=sparse)
+    return kernels.attend(qg, k, v, scale, out, begin, end, pre, sel.idx, sel.valid, use_idx=sparse,
+                          lim_lo=cfg.sink, lim_hi=end - cfg.recent)
 
 
 def asyncspade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -78,6 +78,14 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--prefilter", default=d.prefilter, choices=["none", "pages"],
                    help="asyncspade/lastq step-ahead pass: score every key (none), or rank pages by their min/max "
                    f"bound with the forecast query and score tokens only inside the best ones (default {d.prefilter})")
+    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
+                   help="asyncspade/lastq: the ahead pass proposes --superset x k candidates and the layer's true "
+                   f"query picks the exact top-k among them in-line (default {'on' if d.refine else 'off'})")
+    g.add_argument("--refresh", type=int, default=d.refresh,
+                   help=f"with --refine: run the step-ahead pass every N steps, N <= --recent (default {d.refresh})")
+    g.add_argument("--min-sparse", type=int, default=d.min_sparse, metavar="N",
+                   help="caches up to N tokens decode densely (default: measured at start by the cost model, the "
+                   "length from which sparse attention is cheaper on this machine; 0: sparse from the budget on)")
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help="GQA: combine per-head softmax scores by sum or max (default sum)")
     if selector:
@@ -101,7 +109,7 @@ def sparse_from_args(args, method: str | None = None) -> SparseConfig:
                        sink=args.sink, recent=args.recent, dense_layers=args.dense_layers, predictor=args.predictor,
                        lead=args.lead, window=args.window, order=args.order, ridge=args.ridge,
                        ridge_kind=args.ridge_kind, superset=args.superset, aggregate=args.aggregate,
-                       prefilter=args.prefilter)
+                       prefilter=args.prefilter, refine=args.refine, refresh=args.refresh, min_sparse=args.min_sparse)
     return cfg.validate()
 
 

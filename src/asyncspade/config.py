@@ -12,11 +12,12 @@ DEFAULT_WEIGHTS = "int8"      # chosen by speed and fidelity vs fp32 (BENCHMARKS
 DEFAULT_KV_DTYPE = "bf16"     # the lean forward's KV cache dtype
 
 
-def sparse_at(length, budget: int):
+def sparse_at(length, budget: int, min_sparse: int | None = None):
     """Whether a sparse layer attends sparsely over a cache of ``length`` tokens: only a cache longer than the
-    budget; one that fits attends to everything (exactly dense). Element-wise for a tensor or array of lengths, so
-    ``sparse_at(batch.max_len, budget)`` says whether any row of the batch does. The one place this is decided."""
-    return length > budget
+    budget, and longer than ``min_sparse`` (the shortest cache at which the cost model finds sparse attention
+    cheaper); one that fits attends to everything (exactly dense). Element-wise for a tensor or array of lengths,
+    so ``sparse_at(batch.max_len, ...)`` says whether any row of the batch does. The one place this is decided."""
+    return length > max(budget, min_sparse or 0)
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,12 @@ class SparseConfig:
     prefilter: str = "none"     # step-ahead pass: score every key (none) or pre-select pages by the Quest bound
                                 # with the forecast query, then score tokens only inside them (pages)
     aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
+    refine: bool = False        # ridge/xlayer: the ahead pass proposes superset * k candidates and the layer's true
+                                # query picks the exact top-k among them in-line
+    refresh: int = 1            # with refine: the step-ahead pass runs every `refresh` steps (<= recent); tokens
+                                # newer than the candidates are kept as candidates of their own
+    min_sparse: int | None = None   # caches up to this length decode densely; None: measured by the cost model
+                                    # (costmodel.py) when the runtime starts, 0: sparse from the budget on
 
     @property
     def sparse(self) -> bool:
@@ -52,8 +59,8 @@ class SparseConfig:
         return self.budget - self.sink - self.recent
 
     def sparse_at(self, length):
-        """:func:`sparse_at` with this budget."""
-        return sparse_at(length, self.budget)
+        """:func:`sparse_at` with these settings."""
+        return sparse_at(length, self.budget, self.min_sparse)
 
     def validate(self, num_layers: int | None = None) -> "SparseConfig":
         if self.method not in METHODS + BENCH_ONLY:
@@ -86,6 +93,13 @@ class SparseConfig:
             raise ConfigError("superset must be >= 1")
         if self.prefilter not in ("none", "pages"):
             raise ConfigError("prefilter must be 'none' or 'pages'")
+        if self.refine and self.predictor == "hybrid":
+            raise ConfigError("refine needs predictor ridge or xlayer (hybrid already refines with the cross-layer "
+                              "forecast)")
+        if self.min_sparse is not None and self.min_sparse < 0:
+            raise ConfigError(f"min_sparse must be >= 0 (or None: measured), got {self.min_sparse}")
+        if not 1 <= self.refresh <= self.recent or (self.refresh > 1 and not self.refine):
+            raise ConfigError(f"refresh must be within 1..recent ({self.recent}), and above 1 only with refine")
         if self.prefilter == "pages" and self.k_mid < self.page_size:
             raise ConfigError(f"the page prefilter needs budget - sink - recent >= page size ({self.page_size})")
         return self

@@ -137,11 +137,12 @@ class Engine:
                                       device=self.device)
         if pages and not self.store.track_pages:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
-        self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
         # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
-        worker = selector in ("async", "dist") and self.rt.selector is not None
+        worker = selector in ("async", "dist") and method.ahead
         self.decode_threads = (decode_threads or max(1, len(os.sched_getaffinity(0)) - 1)) if worker else None
+        self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
+        self.sparse = self.rt.cfg                    # with the cost model's min_sparse filled in
         self.eos_ids = self._eos_ids()
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: list[Sequence] = []

@@ -7,15 +7,21 @@ drop-in) reach it through the registered attention function, which finds it on e
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .arch import layer_windows
 from .attention import decode_attention
 from .config import SparseConfig
 from .kvcache import Batch, KVStore
-from .methods import make_method
+from .methods import Selection, make_method
 from .predictor import xlayer_query
 from .selection import Selector, make_selector
+from .selection.passes import refine
+
+
+MIN_SPARSE_ENV = "ASYNCSPADE_MIN_SPARSE"
 
 
 class SparseRuntime:
@@ -25,7 +31,11 @@ class SparseRuntime:
     def __init__(self, model, cfg: SparseConfig, store: KVStore, selector: str = "sync", on_late: str = "wait",
                  writes_kv: bool = True, lean=None):
         self.layers = list(model.model.layers)
-        self.method = make_method(cfg.validate(len(self.layers)))
+        cfg = cfg.validate(len(self.layers))
+        if cfg.sparse and cfg.method != "bound" and cfg.min_sparse is None:
+            fixed = os.environ.get(MIN_SPARSE_ENV)      # a fixed length instead of the measurement (experiments)
+            cfg = cfg.replace(min_sparse=int(fixed) if fixed else self._dense_up_to(model, cfg, store, selector))
+        self.method = make_method(cfg)
         self.cfg = self.method.cfg
         self.store = store
         self.lean = lean         # the LeanModel driving this runtime, or None (HF modules)
@@ -34,7 +44,8 @@ class SparseRuntime:
         # True: the attention function writes each layer's new K/V into the store itself (the engine passes no
         # cache through the model's modules); False: a transformers Cache has already written them (drop-in)
         self.writes_kv = writes_kv
-        self.sparse_calls = 0    # decode attention calls that ran on a sparse selection (tests, diagnostics)
+        self.sparse_calls = 0    # decode attention calls of sparse layers that ran on a sparse selection ...
+        self.dense_calls = 0     # ... and that ran dense (caches within min_sparse; tests, diagnostics, bench)
         self.heads = model.config.num_attention_heads
         self.kv_heads = store.kv_heads
         self.scale = self.layers[0].self_attn.scaling
@@ -58,6 +69,19 @@ class SparseRuntime:
                                                                                   with_kwargs=True))
         self.probe = None        # optional callable(layer, q, batch, selection) on sparse decode steps (evals)
         self.activate()
+
+    @staticmethod
+    def _dense_up_to(model, cfg: SparseConfig, store: KVStore, selector: str) -> int:
+        """The cost model's verdict: the longest cache for which dense attention is cheaper than this method's
+        sparse path, on this machine (measured once per shape per process)."""
+        from .costmodel import measure
+        from .methods import method_class
+        from .selection.plan import SelectionPlan
+        plan = SelectionPlan.of(cfg, store.max_tokens) if method_class(cfg).ahead else None
+        rows = method_class(cfg)(cfg).inline_rows(plan, synchronous=selector == "sync")
+        group = model.config.num_attention_heads // store.kv_heads
+        row = store.kv_heads * store.head_dim * store.k.element_size()
+        return measure(store.kv_heads, group, store.head_dim, store.dtype).threshold(rows, row, cfg.budget)
 
     def activate(self) -> None:
         """Make this runtime the one the model's attention modules use (several engines may share one model)."""
@@ -102,9 +126,14 @@ class SparseRuntime:
         sel = None
         if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
+            if sel is not None and sel.candidates:       # the true query picks the exact top-k in-line
+                keys = self.store.k[layer, batch.lo:batch.hi]
+                sel = Selection(refine(self.selector.plan, q, keys, batch.lengths, sel.idx, self.scale))
             self.sparse_calls += sel is not None
             if self.probe is not None:
                 self.probe(layer, q, batch, sel)
+        elif sparse_layer:
+            self.dense_calls += 1
         decode_attention(q, self.store, layer, batch, sel, self.cfg, self.scale, out, self.windows[layer])
         if sparse_layer:
             self.method.observe(self, layer, q.unsqueeze(2), batch)

@@ -11,9 +11,6 @@ import torch
 from . import kernels
 from .kernels.reference import gather_rows
 
-_MASKED = -1e30   # finite: a row whose candidates are all masked must not turn into NaN
-
-
 def candidate_mask(lo: int, hi: torch.Tensor, width: int) -> torch.Tensor:
     """``[B, width]`` bool: position ``lo + j`` is a candidate of row b iff ``lo + j < hi[b]``."""
     return (torch.arange(lo, lo + width) < hi[:, None])
@@ -35,7 +32,7 @@ def topk_tokens(q: torch.Tensor, keys: torch.Tensor, lo: int, hi: torch.Tensor, 
     width = min(max(int(hi.max()) - lo, min_width), keys.shape[2] - lo)
     p = kernels.score(_grouped(q, keys.shape[1]), keys, scale, lo=lo, hi=hi, n=width, aggregate=aggregate)
     # in position order: attention sums in the order it is given, so the same set must always come in one order
-    return p.topk(min(k, width), dim=-1, sorted=False).indices.sort(-1).values + lo
+    return kernels.topk(p, min(k, width), lo=lo)
 
 
 def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: int, scale: float,
@@ -46,8 +43,7 @@ def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: i
     cand_idx = cand_idx.contiguous()
     p = kernels.score(_grouped(q, keys.shape[1]), keys, scale, idx=cand_idx,
                       valid=None if valid is None else valid.contiguous(), aggregate=aggregate)
-    pick = p.topk(min(k, m), dim=-1, sorted=False).indices
-    return cand_idx.gather(-1, pick).sort(-1).values
+    return kernels.topk(p, min(k, m), idx=cand_idx)
 
 
 def quest_page_scores(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,12 +59,11 @@ def quest_page_scores(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, s
 
 
 def topk_pages(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, p_lo: int, p_hi: torch.Tensor, n_pages: int,
-               scale: float, aggregate: str = "sum", min_width: int = 0) -> torch.Tensor:
-    """Top ``n_pages`` pages in ``[p_lo, p_hi[b])`` by the Quest bound, ``[B, KVH, n_pages]`` page numbers.
+               scale: float, aggregate: str = "sum", min_width: int = 0, expand: int = 1) -> torch.Tensor:
+    """Top ``n_pages`` pages in ``[p_lo, p_hi[b])`` by the Quest bound, ``[B, KVH, n_pages]`` page numbers in
+    ascending order; with ``expand`` (the page size), the pages' token positions ``[B, KVH, n_pages * expand]``.
     ``min_width`` widens the scored range (masked beyond ``p_hi``) so the result always has n_pages columns."""
     width = min(max(int(p_hi.max()) - p_lo, min_width), pmin.shape[2] - p_lo)
-    s = quest_page_scores(q, pmin[:, :, p_lo:p_lo + width], pmax[:, :, p_lo:p_lo + width], scale)
-    s = s.masked_fill(~candidate_mask(p_lo, p_hi, width)[:, None, None, :], _MASKED)
-    p = s.softmax(-1)
-    p = p.sum(2) if aggregate == "sum" else p.amax(2)
-    return p.topk(min(n_pages, width), dim=-1, sorted=False).indices + p_lo
+    p = kernels.score(_grouped(q, pmin.shape[1]), pmin, scale, lo=p_lo, hi=p_hi, n=width, aggregate=aggregate,
+                      kmax=pmax)
+    return kernels.topk(p, min(n_pages, width), lo=p_lo, expand=expand)

@@ -16,6 +16,7 @@ Trace prompts are fed as raw text by default: they already carry another model's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -324,6 +325,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predictors", default=None, metavar="LIST", help="asyncspade: compare forecasters in one pass, "
                    "comma-separated PREDICTOR[:X], X a ridge kind for ridge or the lead for xlayer/hybrid, e.g. "
                    "ridge:ar,ridge:last,xlayer:2,hybrid:1 (default: --predictor alone)")
+    g.add_argument("--variants", default=None, metavar="LIST",
+                   help="asyncspade: compare settings in one pass, comma-separated, each FIELD=VALUE joined by '+', "
+                   "e.g. refine=1+superset=2,refine=1+superset=4+refresh=4 (fields of SparseConfig)")
     g.add_argument("--formats", default=None, metavar="LIST",
                    help="instead of methods: compare weight/KV formats of dense decoding with an fp32/fp32 reference, "
                    "comma-separated WEIGHTS/KV, e.g. int8/bf16,int4/bf16,bf16/bf16 (every step counts)")
@@ -354,15 +358,42 @@ def predictor_variants(text: str) -> dict[str, dict]:
     return out
 
 
+def setting_variants(text: str) -> dict[str, dict]:
+    """``"refine=1+superset=2,prefilter=none"`` -> ``{"refine=1+superset=2": {"refine": True, "superset": 2}, ...}``
+    (values converted to the field's type)."""
+    fields = {f.name: f for f in dataclasses.fields(SparseConfig)}
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        changes = {}
+        for part in item.split("+"):
+            key, _, val = part.partition("=")
+            if key not in fields or key in ("method", "budget") or not val:
+                raise UserError(f"--variants: {part!r} is not FIELD=VALUE with FIELD a sparse setting")
+            default = getattr(SparseConfig(), key)
+            kind = type(default) if default is not None else int
+            try:
+                changes[key] = val.lower() in ("1", "true", "on", "yes") if kind is bool else kind(val)
+            except ValueError:
+                raise UserError(f"--variants: {part!r}: {val!r} is not a {kind.__name__}") from None
+        out[item] = changes
+    if not out:
+        raise UserError("--variants is empty")
+    return out
+
+
 def configs_from_args(args) -> dict[str, SparseConfig]:
     """``"<method>@<budget>"`` (``"asyncspade[<variant>]@<budget>"`` with ``--predictors``) -> settings."""
     methods = methods_from_args(args)
     budgets = int_list(args.budgets, "--budgets") if args.budgets else [args.budget]
     variants = predictor_variants(args.predictors) if args.predictors else None
+    if args.variants:
+        variants = {**(variants or {}), **setting_variants(args.variants)}
     configs = {}
     for b in budgets:
         for m in methods:
             cfg = sparse_from_args(argparse.Namespace(**{**vars(args), "budget": b}), m)
+            if cfg.min_sparse is None:
+                cfg = cfg.replace(min_sparse=0)       # measure the method on every step past the budget
             if m == "asyncspade" and variants:
                 configs.update({f"{m}[{v}]@{b}": cfg.replace(**c).validate() for v, c in variants.items()})
             else:

@@ -30,8 +30,16 @@ class AsyncSpade(SelectionMethod):
     def needs_pages(cls, cfg):
         return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
 
+    def inline_rows(self, plan=None, synchronous=True):
+        """In-line: the refinement's candidates (K only) and the budget's rows; the step-ahead pass too when it runs
+        in the decode loop's thread (page bounds, or every key, once per ``refresh`` steps)."""
+        c = self.cfg
+        fixed = 2 * c.budget + (plan.result_width if plan is not None and plan.refine else 0)
+        ahead = (2.0 / c.page_size if c.prefilter == "pages" else 1.0) / (plan.refresh if plan is not None else 1)
+        return fixed, ahead if synchronous else 0.0
+
     def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection:
-        return Selection(ctx.selector.get(layer, batch, q))
+        return Selection(ctx.selector.get(layer, batch, q), candidates=ctx.selector.plan.refine)
 
     def observe(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> None:
         if ctx.selector.plan.temporal:

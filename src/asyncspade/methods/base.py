@@ -16,10 +16,13 @@ from ..selection.base import Selector
 class Selection:
     """Token positions chosen between the sinks and the recent window, per (row, KV head).
 
-    ``idx [B, KVH, k]`` absolute positions; ``valid`` (same shape, bool) marks the entries to attend, or None if all.
+    ``idx [B, KVH, k]`` absolute positions; ``valid`` (same shape, bool) marks the entries to attend, or None if all
+    (entries outside ``[sink, cache - recent)`` are never attended). ``candidates``: ``idx`` holds candidates (more
+    than k) the layer's true query picks the exact top-k from, in-line.
     """
     idx: torch.Tensor
     valid: torch.Tensor | None = None
+    candidates: bool = False
 
 
 class SelectionContext(Protocol):
@@ -42,6 +45,11 @@ class SelectionMethod:
 
     def __init__(self, cfg: SparseConfig):
         self.cfg = cfg
+
+    def inline_rows(self, plan=None, synchronous: bool = True) -> tuple[float, float]:
+        """K/V rows one sparse layer's decode step reads per sequence on the critical path, as ``(fixed, per cached
+        token)``: the cost model weighs them against dense attention's ``(0, 2)``. The default: attend the budget."""
+        return 2 * self.cfg.budget, 0.0
 
     def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection | None:
         """Called inside a sparse layer's decode attention with the true current query ``q [B, H, D]`` when some

@@ -20,8 +20,9 @@ class Quest(SelectionMethod):
         hi = batch.lengths - c.recent                       # candidate tokens: [sink, hi)
         p_lo, p_hi = c.sink // ps, (hi - 1) // ps + 1       # pages overlapping the candidates
         st = ctx.store
-        pages = topk_pages(q, st.pmin[layer, batch.lo:batch.hi], st.pmax[layer, batch.lo:batch.hi],
-                           p_lo, p_hi, c.k_mid // ps, ctx.scale, c.aggregate)          # [B, KVH, P]
-        idx = (pages[..., None] * ps + torch.arange(ps)).flatten(-2)                  # [B, KVH, P * ps]
-        valid = (idx >= c.sink) & (idx < hi.view(-1, 1, 1))
-        return Selection(idx, valid)
+        # the chosen pages' tokens [B, KVH, P * ps]; those outside [sink, hi) are skipped by the attention
+        return Selection(topk_pages(q, st.pmin[layer, batch.lo:batch.hi], st.pmax[layer, batch.lo:batch.hi],
+                                    p_lo, p_hi, c.k_mid // ps, ctx.scale, c.aggregate, expand=ps))
+
+    def inline_rows(self, plan=None, synchronous=True):
+        return 2 * self.cfg.budget, 2.0 / self.cfg.page_size      # every page's min and max scored

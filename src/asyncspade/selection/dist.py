@@ -381,7 +381,7 @@ class DistSelector(RemoteSelector):
 
     def _take(self, li: int, batch: Batch, target: np.ndarray) -> torch.Tensor:
         with self._cv:                  # the newest result received: this step's, or the previous one (reuse)
-            return self._sel[batch.lo:batch.hi, li, :, :self.cfg.k_mid].clone()
+            return self._sel[batch.lo:batch.hi, li, :, :self.plan.result_width].clone()
 
     # ------------------------------------------------------------------ faults
     def _async_fault(self) -> str | None:

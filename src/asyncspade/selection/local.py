@@ -29,8 +29,9 @@ class SyncSelector:
             self.windows = QueryWindows(s, n, num_heads, cfg.window, store.head_dim)
             self.ahead = torch.zeros(s, n, kvh, plan.ahead_width, dtype=torch.int64)
             self.ahead_len = torch.full((s, n), -1, dtype=torch.int64)     # cache length each was made for
+            self.made = torch.full((s, n), -1, dtype=torch.int64)          # ... and when it was last computed
         if plan.xlayer:
-            self.chosen = torch.zeros(s, n, kvh, cfg.k_mid, dtype=torch.int64)
+            self.chosen = torch.zeros(s, n, kvh, plan.result_width, dtype=torch.int64)
         self.forecast_q = torch.zeros(n, s, num_heads, store.head_dim)  # the query each latest selection used
 
     @property
@@ -42,6 +43,7 @@ class SyncSelector:
         if self.plan.temporal:
             self.windows.reset(lo, hi)
             self.ahead_len[lo:hi] = -1
+            self.made[lo:hi] = -1
 
     def on_query(self, layer: int, q: torch.Tensor, batch: Batch) -> None:
         """Layer ``layer`` produced its real queries ``[B, H, L, D]``: select for the next step."""
@@ -49,11 +51,19 @@ class SyncSelector:
         if not self.cfg.sparse_at(batch.max_len + 1):  # next step is dense for every row: only keep the window
             self.windows.push(li, batch.lo, batch.hi, q)
             return
-        keys = self.store.k[layer, batch.lo:batch.hi]
+        rows = slice(batch.lo, batch.hi)
+        made = self.made[rows, li]
+        if self.plan.refresh > 1 and bool(((made >= 0) & (batch.lengths + 1 - made < self.plan.refresh)).all()):
+            # every row's candidates (and the positions they reserve for newer tokens) still serve the next step
+            self.windows.push(li, batch.lo, batch.hi, q)
+            self.ahead_len[rows, li] = batch.lengths + 1
+            return
+        keys = self.store.k[layer, rows]
         idx, q_hat = temporal_pass(self.plan, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
                                    self.scale, self.store.pages(layer, batch.lo, batch.hi))
-        self.ahead[batch.lo:batch.hi, li] = idx
-        self.ahead_len[batch.lo:batch.hi, li] = batch.lengths + 1
+        self.ahead[rows, li] = idx
+        self.ahead_len[rows, li] = batch.lengths + 1
+        self.made[rows, li] = batch.lengths + 1
         if not self.plan.xlayer:
             self.forecast_q[li, batch.lo:batch.hi] = q_hat
 

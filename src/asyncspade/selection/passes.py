@@ -13,6 +13,7 @@ import torch
 
 from ..config import SparseConfig
 from ..predictor import QueryWindows, forecast
+from .. import kernels
 from ..scoring import topk_among, topk_pages, topk_tokens
 from .plan import SelectionPlan
 
@@ -23,9 +24,8 @@ def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax
     query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller."""
     ps = cfg.page_size
     n_pages = max(1, n_tokens // ps)
-    pages = topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
-                       min_width=n_pages)
-    return (pages[..., None] * ps + torch.arange(ps)).flatten(-2)
+    return topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
+                      min_width=n_pages, expand=ps)
 
 
 def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
@@ -44,6 +44,8 @@ def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: tor
     w, count = windows.get(li, lo, hi)
     q_hat = forecast(w, count, cfg.ridge_kind, cfg.order, cfg.ridge)
     hi_next = lengths + 1 - cfg.recent
+    if plan.refine:
+        return candidates(plan, q_hat, keys, hi_next, scale, pages), q_hat
     if plan.hybrid and width >= int(hi_next.max()) - cfg.sink:
         # the superset holds every candidate position: nothing to rank (the cross-layer pass masks those >= hi)
         pos = torch.arange(cfg.sink, cfg.sink + width).clamp(max=keys.shape[2] - 1)
@@ -59,6 +61,42 @@ def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: tor
     return topk_tokens(q_hat, keys, cfg.sink, hi_next, width, scale, cfg.aggregate, min_width=width), q_hat
 
 
+def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: torch.Tensor, scale: float,
+               pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The candidates a forecast query ``q`` proposes for the in-line refinement, ``[B, KVH, plan.ahead_width]``:
+    the best ``superset * k`` positions of ``[sink, hi)`` (whole pages by their Quest bound with the page
+    prefilter, else tokens by exact score), then the ``plan.gap`` positions from ``hi`` on, which the cache reaches
+    before the next refresh. Entries at or past ``hi`` among the first (a page's tail) are -1, so no position is
+    ever a candidate twice; positions the refinement cannot take (outside ``[sink, hi')`` at its step, -1 among
+    them) are skipped there."""
+    cfg = plan.cfg
+    n = plan.ahead_width - plan.gap
+    b, kvh, t = keys.shape[0], keys.shape[1], keys.shape[2]
+    if n >= int(hi.max()) - cfg.sink:                   # every position is a candidate: nothing to rank
+        cand = torch.arange(cfg.sink, cfg.sink + n).expand(b, kvh, n)
+    elif plan.page_prefilter and pages is not None:
+        cand = page_candidates(cfg, q, pages[0], pages[1], hi, n, scale)
+    else:
+        cand = topk_tokens(q, keys, cfg.sink, hi, n, scale, cfg.aggregate, min_width=n)
+    cand = torch.where(cand < hi.view(-1, 1, 1), cand, -1)
+    if plan.gap:
+        gap = (hi[:, None] + torch.arange(plan.gap))[:, None, :].expand(b, kvh, plan.gap)
+        cand = torch.cat([cand, gap.clamp(max=t - 1)], -1)
+    return cand
+
+
+def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """In-line, with the layer's true query ``q [B, H, D]``: the exact top-k of the candidates ``cand`` that lie in
+    ``[sink, lengths - recent)``, ``[B, KVH, k]`` in position order (entries outside those bounds, picked only when
+    fewer candidates qualify, are skipped by the attention's limits)."""
+    cfg = plan.cfg
+    b, h, d = q.shape
+    qg = q.float().reshape(b, keys.shape[1], h // keys.shape[1], d).contiguous()
+    s = kernels.score(qg, keys, scale, lo=cfg.sink, hi=lengths - cfg.recent, idx=cand, aggregate=cfg.aggregate)
+    return kernels.topk(s, cfg.k_mid, idx=cand)
+
+
 def xlayer_pass(plan: SelectionPlan, q_x: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, scale: float,
                 cand: torch.Tensor | None, cand_ok: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k for the current step (cache of ``lengths`` tokens) with the cross-layer query ``q_x [B, H, D]``, over
@@ -68,6 +106,8 @@ def xlayer_pass(plan: SelectionPlan, q_x: torch.Tensor, keys: torch.Tensor, leng
     filled cache has had no step-ahead pass yet) score every key."""
     cfg = plan.cfg
     hi = lengths - cfg.recent
+    if plan.refine:                       # xlayer alone, refined in-line: propose candidates from every key
+        return candidates(plan, q_x, keys, hi, scale)
     if cand is None or (cand_ok is not None and not bool(cand_ok.any())):
         return topk_tokens(q_x, keys, cfg.sink, hi, cfg.k_mid, scale, cfg.aggregate)
     valid = (cand >= cfg.sink) & (cand < hi.view(-1, 1, 1))

@@ -18,6 +18,8 @@ class SelectionPlan:
     page_prefilter: bool    # the step-ahead pass pre-selects pages by the Quest bound of the forecast query
     ahead_width: int        # entries the step-ahead pass keeps per (slot, layer, KV head)
     prefilter_tokens: int   # tokens in the pages the prefilter keeps (with page_prefilter)
+    refine: bool            # the final ahead pass proposes candidates; the layer's true query picks k in-line
+    refresh: int            # steps between step-ahead passes (refine only)
 
     @property
     def hybrid(self) -> bool:
@@ -27,7 +29,15 @@ class SelectionPlan:
     @property
     def result_width(self) -> int:
         """Entries per (row, KV head) of the selection the decode loop takes (the final pass's output)."""
+        if self.refine:
+            return self.ahead_width
         return self.cfg.k_mid if self.xlayer else self.ahead_width
+
+    @property
+    def gap(self) -> int:
+        """Positions after the candidates' newest that a refreshed-every-``refresh``-steps candidate list reserves:
+        tokens that arrive between two passes and have left the recent window before the next."""
+        return self.refresh - 1
 
     def ahead_is_final(self, max_len: int) -> bool:
         """Whether the step-ahead pass run when the longest row's cache holds ``max_len`` tokens makes the selection
@@ -44,9 +54,11 @@ class SelectionPlan:
         xlayer = cfg.predictor in ("xlayer", "hybrid")
         hybrid = temporal and xlayer
         pages = cfg.prefilter == "pages"
-        width = min(cfg.superset * cfg.k_mid if hybrid else cfg.k_mid, max_tokens - cfg.sink)
-        if pages and hybrid:
+        superset = hybrid or cfg.refine         # the ahead pass keeps superset * k candidates, not the final k
+        width = min(cfg.superset * cfg.k_mid if superset else cfg.k_mid, max_tokens - cfg.sink)
+        if pages and superset:
             width = max(cfg.page_size, width - width % cfg.page_size)          # whole pages
-        # the prefilter's pages are the superset (hybrid), or hold superset * k tokens to rank (ridge)
-        tokens = (width if hybrid else max(width, cfg.superset * cfg.k_mid)) if pages else 0
-        return cls(cfg, temporal, xlayer, pages, width, tokens)
+        # the prefilter's pages are the candidates (a superset), or hold superset * k tokens to rank (ridge)
+        tokens = (width if superset else max(width, cfg.superset * cfg.k_mid)) if pages else 0
+        refresh = cfg.refresh if cfg.refine else 1
+        return cls(cfg, temporal, xlayer, pages, width + refresh - 1, tokens, cfg.refine, refresh)

@@ -176,7 +176,8 @@ class AsyncSelector(RemoteSelector):
 
     def _take(self, li: int, batch: Batch, target: np.ndarray) -> torch.Tensor:
         par = torch.from_numpy(np.asarray(target % 2, dtype=np.int64))
-        return self.shared.result[par, torch.arange(batch.lo, batch.hi), li][..., :self.cfg.k_mid].clone()
+        rows = torch.arange(batch.lo, batch.hi)
+        return self.shared.result[par, rows, li][..., :self.plan.result_width].clone()
 
     def _block(self, what: str) -> bool:
         """Wait for the worker to finish a job; False (and fall back) if it died or stopped answering."""
