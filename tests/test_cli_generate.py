@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from asyncspade import cli
-from asyncspade import generate as gen
+from asyncspade.cli import generate as gen
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, load_model
@@ -73,7 +73,7 @@ def test_stream_stdin_and_raw_text(tiny_dir, capsys, monkeypatch):
     (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--prompt", "hi", "--max-new-tokens", "8", "--max-context", "8"], "--max-context (8) must exceed"),
+    (["--prompt", "hi", "--max-new-tokens", "8", "--max-model-len", "8"], "--max-model-len (8) must exceed"),
     (["--prompt", "hi", "--budget", "10"], "budget (10) must exceed sink + recent"),
     (["--prompt", "  \n"], "empty prompt"),
     (["--prompt", "-"], "empty prompt"),                         # stdin (empty here)
@@ -89,7 +89,7 @@ def test_bad_input_fails_before_loading(argv, message, capsys, monkeypatch):
 def test_bad_model_and_overlong_prompt(tiny_dir, capsys, tmp_path):
     rc, _, err = main(capsys, "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert rc == 2 and "model not found" in err and err.count("\n") == 1
-    rc, _, err = main(capsys, "--prompt", PROMPT, "--model", tiny_dir, "--max-context", "16", "--max-new-tokens", "8",
+    rc, _, err = main(capsys, "--prompt", PROMPT, "--model", tiny_dir, "--max-model-len", "16", "--max-new-tokens", "8",
                       "--method", "full")
     assert rc == 2 and "exceeds the context of 16 tokens" in err
 
@@ -97,7 +97,7 @@ def test_bad_model_and_overlong_prompt(tiny_dir, capsys, tmp_path):
 def test_subprocess_error_has_no_traceback(tiny_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "asyncspade", "generate", "--model", tiny_dir, "--prompt", PROMPT,
-                        "--max-context", "16", "--max-new-tokens", "8", "--method", "full"],
+                        "--max-model-len", "16", "--max-new-tokens", "8", "--method", "full"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and p.stdout == ""
     lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("[asyncspade]")]   # minus the loading line

@@ -5,6 +5,8 @@ it both under our engine and under ``model.generate``.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .attention import decode_attention
@@ -12,6 +14,11 @@ from .config import SparseConfig
 from .kvcache import Batch, KVStore
 from .methods import make_method
 from .selector import make_selector
+
+
+# Held around a forward by whoever may build another runtime on the same model from another thread (the server builds
+# engines off its engine thread): switching the model's attention modules waits for the forward in flight to end.
+MODEL_LOCK = threading.RLock()
 
 
 class SparseRuntime:
@@ -50,8 +57,9 @@ class SparseRuntime:
     def activate(self) -> None:
         """Make this runtime the one the model's attention modules use (several engines may share one model)."""
         if getattr(self.layers[0].self_attn, "asyncspade_rt", None) is not self:
-            for layer in self.layers:
-                layer.self_attn.asyncspade_rt = self
+            with MODEL_LOCK:
+                for layer in self.layers:
+                    layer.self_attn.asyncspade_rt = self
 
     def _make_hook(self, src: int):
         def hook(module, args, kwargs):
