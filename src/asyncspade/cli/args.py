@@ -86,6 +86,12 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
                        "step's set (default wait)")
 
 
+def add_data_arg(p: argparse.ArgumentParser) -> None:
+    from ..data import DATA_ENV, REPO_DATA
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help=f"directory of the shared data files (default: ${DATA_ENV}, else {REPO_DATA})")
+
+
 def sparse_from_args(args, method: str | None = None) -> SparseConfig:
     cfg = SparseConfig(method=method or getattr(args, "method", "full"), budget=args.budget, page_size=args.page_size,
                        sink=args.sink, recent=args.recent, dense_layers=args.dense_layers, predictor=args.predictor,
@@ -161,3 +167,15 @@ def _actions(parser: argparse.ArgumentParser):
             for sub in a.choices.values():
                 yield from _actions(sub)
 
+
+def data_default(args, attr: str, name: str) -> str:
+    """``args.<attr>`` as given, or the shared data file ``name`` from the data directory (``--data-dir``,
+    ``$ASYNCSPADE_DATA``, the repository default), whatever the working directory; a :class:`UserError` naming the
+    three when it is missing."""
+    from ..data import DataNotFound, data_file
+    if getattr(args, attr) is None:
+        try:
+            setattr(args, attr, str(data_file(name, getattr(args, "data_dir", None))))
+        except DataNotFound as e:
+            raise UserError(str(e)) from None
+    return getattr(args, attr)
