@@ -9,6 +9,7 @@ core to the decode loop and one to the cache-rank worker.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -33,8 +34,11 @@ def add_arguments(p) -> None:
     add_model_args(p)
     add_sparse_args(p, "full,quest,oracle,lastq,asyncspade", multi=True, selector=True)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated")
-    g.add_argument("--batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
+    g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated (default "
+                   "4096,16384; past the model's positions, 8192 for the bundled model, the cache is filled by tiling "
+                   "real text: right for timing, which does not depend on what the keys say)")
+    g.add_argument("--batches", dest="batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
+    g.add_argument("--batch", dest="batch", default=argparse.SUPPRESS, help=argparse.SUPPRESS)   # its former name
     g.add_argument("--budgets", default=None, help="budgets to sweep, comma-separated (default: --budget)")
     g.add_argument("--steps", type=int, default=16, help="timed decode steps per method and round")
     g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
@@ -45,8 +49,8 @@ def add_arguments(p) -> None:
     g.add_argument("--fill", type=int, default=2048, help="tokens of real prefill the cache is tiled from")
     g.add_argument("--vs-hf", action="store_true",
                    help="instead: our engine (full) vs Hugging Face generate (sdpa), in fp32 and bf16")
-    g.add_argument("--json", default=None, help="write the rows and the machine description here")
-    g.add_argument("--plot", default=None, help="write a TPOT-vs-context plot here (PNG)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine description here")
+    g.add_argument("--plot", default=None, metavar="PATH", help="write a TPOT-vs-context plot here (PNG)")
 
 
 def machine() -> dict:

@@ -40,9 +40,10 @@ def add_model_len_arg(p, help_: str = "context per sequence in tokens, prompt an
 
 
 def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False,
-                    selector: bool = False) -> None:
+                    selector: bool = False, auto_selector: bool = False) -> None:
     """The sparse-attention flags. ``selector=True`` adds where lastq/asyncspade select (``--selector``,
-    ``--on-late``): timing, not results, so evaluations that compare selections leave it out."""
+    ``--on-late``): timing, not results, so evaluations that compare selections leave it out. ``auto_selector``: the
+    default is None, for the command to pick the worker when /dev/shm allows (see :mod:`asyncspade.shm`)."""
     d = SparseConfig()
     g = p.add_argument_group("sparse attention")
     if multi:
@@ -75,12 +76,13 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help=f"GQA: combine per-head softmax scores by sum or max (default {d.aggregate})")
     if selector:
-        g.add_argument("--selector", default=None, choices=["async", "sync", "dist"],
+        default = ("async, or sync with a warning when /dev/shm is too small for the KV store" if auto_selector
+                   else "async")
+        g.add_argument("--selector", default=None if auto_selector else "async", choices=["async", "sync", "dist"],
                        help="where lastq/asyncspade select: async (the cache-rank worker process over shared "
                        "memory, off the decode loop's critical path), dist (a cache rank over torch.distributed "
                        "with its own key copy, for another device or host), or sync (in-process, when each "
-                       "selection becomes possible) (default: async, or sync with a warning when /dev/shm is too "
-                       "small for the KV store)")
+                       f"selection becomes possible) (default {default})")
         g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
                        help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
                        "step's set (default wait)")

@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
     g.add_argument("--max-context", dest="max_model_len", type=int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)              # its former name
     add_model_args(p)
-    add_sparse_args(p, "asyncspade", selector=True)
+    add_sparse_args(p, "asyncspade", selector=True, auto_selector=True)
 
 
 def read_prompt(arg: str | None) -> str:

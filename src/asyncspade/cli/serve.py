@@ -12,7 +12,7 @@ from .args import UserError, add_model_args, add_model_len_arg, add_sparse_args,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_sparse_args(p, "asyncspade", selector=True)
+    add_sparse_args(p, "asyncspade", selector=True, auto_selector=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
