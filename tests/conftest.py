@@ -53,6 +53,25 @@ def child_pids(parent: int | None = None, tracker: bool = False) -> set[int]:
     return out
 
 
+def decode_recording_logits(model, tok, ids: list[int], params, sparse=None):
+    """Decode one request with the engine; (the finished sequence, the raw logits behind each sampled token)."""
+    from asyncspade.config import SparseConfig
+    from asyncspade.engine import Engine
+    eng = Engine(model, tok, sparse or SparseConfig(), max_batch=1)
+    logits, append = [], eng._append
+
+    def spy(seq, lg):
+        if seq.fed >= len(seq.prompt_ids):
+            logits.append(lg.clone())
+        return append(seq, lg)
+    eng._append = spy
+    try:
+        [seq] = eng.run([eng.add(ids, params)])
+    finally:
+        eng.close()
+    return seq, logits
+
+
 def lively(model, std: float = 0.15, seed: int = 0):
     """Random tiny models repeat one token at the default init; larger weights give varied greedy outputs,
     so token-equality tests can actually fail."""

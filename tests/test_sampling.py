@@ -8,26 +8,13 @@ import torch
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine, RequestError
 from asyncspade.sampling import SamplingParams, apply_penalties, sample
+from conftest import decode_recording_logits
 
 PROMPT = [5, 9, 5, 17, 300, 301, 302, 5]
 
 
 def recorded(model, tok, params: SamplingParams, prompt=PROMPT):
-    """Decode ``prompt`` greedily (or as ``params`` say) and record the raw logits behind every sampled token."""
-    eng = Engine(model, tok, SparseConfig(), max_batch=1)
-    logits = []
-    append = eng._append
-
-    def spy(seq, lg):
-        if seq.fed >= len(seq.prompt_ids):
-            logits.append(lg.clone())
-        return append(seq, lg)
-    eng._append = spy
-    try:
-        [seq] = eng.run([eng.add(prompt, params)])
-    finally:
-        eng.close()
-    return seq, logits
+    return decode_recording_logits(model, tok, prompt, params)
 
 
 def test_penalties_follow_their_definitions():

@@ -16,7 +16,7 @@ from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, tiny_model
 from asyncspade.sampling import SamplingParams
 from asyncspade.server import create_app
-from conftest import BUDGET, KEY, NAME, Server, child_pids, lively, proc_state
+from conftest import BUDGET, KEY, NAME, Server, child_pids, decode_recording_logits, lively, proc_state
 
 SPARSE = SparseConfig(method="asyncspade", budget=BUDGET)
 
@@ -170,20 +170,7 @@ def test_sparse_override_per_request(server, ref_model):
 
 def recorded(ref_model, ids, params, sparse=SPARSE):
     """The engine's own output for one request, and the raw logits behind each sampled token."""
-    model, tok = ref_model
-    eng = Engine(model, tok, sparse, max_batch=1)
-    logits, append = [], eng._append
-
-    def spy(seq, lg):
-        if seq.fed >= len(seq.prompt_ids):
-            logits.append(lg.clone())
-        return append(seq, lg)
-    eng._append = spy
-    try:
-        [seq] = eng.run([eng.add(ids, params)])
-    finally:
-        eng.close()
-    return seq, logits
+    return decode_recording_logits(*ref_model, ids, params, sparse)
 
 
 def test_sampling_controls_are_applied(server, ref_model):
