@@ -57,13 +57,12 @@ class SparseConfig:
             raise ConfigError("aggregate must be 'sum' or 'max'")
         if self.page_size <= 0:
             raise ConfigError(f"page size must be a positive number of tokens, got {self.page_size}")
-        if self.method == "full":           # dense attention has no budget, sinks or window: nothing else applies
-            return self
-        if self.budget <= 0:
-            raise ConfigError(f"budget must be positive, got {self.budget}")
         if self.sink < 0 or self.recent < 1:
             raise ConfigError("sink must be >= 0 and recent >= 1 (the newest token is always attended)")
-        if self.budget <= self.sink + self.recent:
+        sparse = self.method != "full"       # dense attention has no budget: the budget checks are for the others
+        if sparse and self.budget <= 0:
+            raise ConfigError(f"budget must be positive, got {self.budget}")
+        if sparse and self.budget <= self.sink + self.recent:
             raise ConfigError(f"budget ({self.budget}) must exceed sink + recent ({self.sink} + {self.recent})")
         if self.method == "quest" and self.k_mid < self.page_size:
             raise ConfigError(f"quest needs budget - sink - recent ({self.k_mid}) >= page size ({self.page_size})")
@@ -81,7 +80,7 @@ class SparseConfig:
             raise ConfigError("superset must be >= 1")
         if self.prefilter not in ("none", "pages"):
             raise ConfigError("prefilter must be 'none' or 'pages'")
-        if self.prefilter == "pages" and self.k_mid < self.page_size:
+        if sparse and self.prefilter == "pages" and self.k_mid < self.page_size:
             raise ConfigError(f"the page prefilter needs budget - sink - recent >= page size ({self.page_size})")
         return self
 
