@@ -72,6 +72,15 @@ def decode_recording_logits(model, tok, ids: list[int], params, sparse=None):
     return seq, logits
 
 
+def shm_leftovers(before: set[str], wait_s: float = 15.0) -> set[str]:
+    """Entries of /dev/shm that were not in ``before`` and stay: a leak stays, while the shared memory of another
+    process (a test suite running beside this one) comes and goes."""
+    end = time.monotonic() + wait_s
+    while set(os.listdir("/dev/shm")) - before and time.monotonic() < end:
+        time.sleep(0.5)
+    return set(os.listdir("/dev/shm")) - before
+
+
 def lively(model, std: float = 0.15, seed: int = 0):
     """Random tiny models repeat one token at the default init; larger weights give varied greedy outputs,
     so token-equality tests can actually fail."""

@@ -20,7 +20,8 @@ def test_the_summary_says_what_happened():
     assert speed_verdict(0.050, 0.060).startswith("asyncspade was slower: 1.20x")
     assert "same speed" in speed_verdict(0.050, 0.0505)
     assert agreement([1, 2, 3], [1, 2, 3]) == "The two continuations are identical (3 tokens)."
-    assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == "The two continuations agree on the first 2 of 4 tokens, then differ."
+    assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == \
+        "The two continuations agree on the first 2 of 4 tokens, then differ."
 
 
 def test_demo_runs_anywhere(tiny_dir, tmp_path, capsys, monkeypatch):

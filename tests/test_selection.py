@@ -194,7 +194,8 @@ def test_oracle_does_use_current_query(tiny_llama):
 
 
 @pytest.mark.parametrize("bad", [dict(method="nope"), dict(method="oracle", budget=0), dict(method="oracle", budget=20),
-                                 dict(method="quest", budget=32), dict(method="quest", budget=200, page_size=48), dict(recent=0), dict(order=20)])
+                                 dict(method="quest", budget=32), dict(method="quest", budget=200, page_size=48),
+                                 dict(recent=0), dict(order=20)])
 def test_config_rejects_bad_settings(bad):
     with pytest.raises(ConfigError):
         SparseConfig(**bad).validate()

@@ -16,7 +16,8 @@ from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, tiny_model
 from asyncspade.sampling import SamplingParams
 from asyncspade.server import create_app
-from conftest import BUDGET, KEY, NAME, Server, child_pids, decode_recording_logits, lively, proc_state
+from conftest import (BUDGET, KEY, NAME, Server, child_pids, decode_recording_logits, lively, proc_state,
+                      shm_leftovers)
 
 SPARSE = SparseConfig(method="asyncspade", budget=BUDGET)
 
@@ -470,4 +471,4 @@ def test_sigterm_leaves_nothing_behind(selector):
     finally:
         srv.close()
     assert "leaked" not in out and "Traceback" not in out, out
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert shm_leftovers(shm_before) == set()

@@ -18,7 +18,7 @@ import torch
 from asyncspade import shm
 from asyncspade.config import SparseConfig
 from asyncspade.models import tiny_model
-from conftest import BUDGET, NAME, Server, child_pids, free_port, lively
+from conftest import BUDGET, NAME, Server, child_pids, free_port, lively, shm_leftovers
 
 BIG = 9_000_000                        # --max-request-bytes of the module's server
 
@@ -128,7 +128,8 @@ def _raw(sock: socket.socket, method: str, path: str, body: bytes = b"") -> tupl
         assert chunk, "the server closed the connection"
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(rest) < length:
         chunk = sock.recv(65536)
         assert chunk, "the server closed the connection"
@@ -333,11 +334,11 @@ def test_serve_with_no_shared_memory_is_one_line(tiny_dir):
     """Item 2, as a user sees it: `asyncspade serve --selector async` with no shared memory prints one line that says
     what to do and exits 2 (no traceback, nothing left in /dev/shm)."""
     before = set(os.listdir("/dev/shm"))
-    p = subprocess.run([sys.executable, "-c", INJECT, "serve", "--model", tiny_dir, "--port", str(free_port()), "--budget", "32",
-                        "--selector", "async"], capture_output=True, text=True, timeout=300,
+    p = subprocess.run([sys.executable, "-c", INJECT, "serve", "--model", tiny_dir, "--port", str(free_port()),
+                        "--budget", "32", "--selector", "async"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("[asyncspade] loading")]
     assert len(lines) == 1 and lines[0].startswith("asyncspade: error: ") and "--selector sync" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert shm_leftovers(before) == set()

@@ -63,8 +63,8 @@ def choose_selector(requested: str | None, need: int, hint: str = "") -> str:
         return requested
     if has_room(need):
         return "async"
-    why = (f"{SHM_DIR} has {_gib(free_bytes())} free but the asynchronous selector needs {_gib(need)} of shared memory for "
-           "the KV store")
+    why = (f"{SHM_DIR} has {_gib(free_bytes())} free but the asynchronous selector needs {_gib(need)} of shared memory "
+           "for the KV store")
     more = f"give the container more shared memory (docker run --shm-size=...){hint}"
     if requested == "async":
         raise SharedMemoryError(f"{why}; {more}, or run with --selector sync (in-process selection)")

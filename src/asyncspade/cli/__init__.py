@@ -1,7 +1,7 @@
 """``asyncspade generate | serve | bench | demo | eval {fidelity,passkey,math,report}``.
 
-:mod:`.dispatch` dispatches (and is imported by nothing but the entry point); :mod:`.args` holds the flags and helpers the
-commands share; each command is its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+:mod:`.dispatch` dispatches (and is imported by nothing but the entry point); :mod:`.args` holds the flags and helpers
+the commands share; each command is its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 from .args import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
 

@@ -16,7 +16,8 @@ COMMANDS = {
     "demo": ("asyncspade.cli.demo", "a long real text continued with full attention and with asyncspade, timed"),
 }
 EVALS = {
-    "fidelity": ("asyncspade.evals.fidelity", "teacher-forced fidelity of sparse vs dense on reasoning traces or prose"),
+    "fidelity": ("asyncspade.evals.fidelity",
+                 "teacher-forced fidelity of sparse vs dense on reasoning traces or prose"),
     "passkey": ("asyncspade.evals.passkey", "pass key retrieval over context lengths and depths"),
     "math": ("asyncspade.evals.math", "math accuracy with several samples per problem and majority voting"),
     "report": ("asyncspade.evals.report", "gather JSON results of a directory into one Markdown report"),
