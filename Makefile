@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m asyncspade.demo
+	$(BIN)/asyncspade demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from asyncspade import cli
-from asyncspade import generate as gen
+from asyncspade.cli import generate as gen
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, load_model
@@ -73,7 +73,7 @@ def test_stream_stdin_and_raw_text(tiny_dir, capsys, monkeypatch):
     (["--prompt", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--prompt", "hi", "--max-new-tokens", "8", "--max-context", "8"], "--max-context (8) must exceed"),
+    (["--prompt", "hi", "--max-new-tokens", "8", "--max-model-len", "8"], "--max-model-len (8) must exceed"),
     (["--prompt", "hi", "--budget", "10"], "budget (10) must exceed sink + recent"),
     (["--prompt", "  \n"], "empty prompt"),
     (["--prompt", "-"], "empty prompt"),                         # stdin (empty here)
@@ -89,7 +89,7 @@ def test_bad_input_fails_before_loading(argv, message, capsys, monkeypatch):
 def test_bad_model_and_overlong_prompt(tiny_dir, capsys, tmp_path):
     rc, _, err = main(capsys, "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert rc == 2 and "model not found" in err and err.count("\n") == 1
-    rc, _, err = main(capsys, "--prompt", PROMPT, "--model", tiny_dir, "--max-context", "16", "--max-new-tokens", "8",
+    rc, _, err = main(capsys, "--prompt", PROMPT, "--model", tiny_dir, "--max-model-len", "16", "--max-new-tokens", "8",
                       "--method", "full")
     assert rc == 2 and "exceeds the context of 16 tokens" in err
 
@@ -97,7 +97,7 @@ def test_bad_model_and_overlong_prompt(tiny_dir, capsys, tmp_path):
 def test_subprocess_error_has_no_traceback(tiny_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "asyncspade", "generate", "--model", tiny_dir, "--prompt", PROMPT,
-                        "--max-context", "16", "--max-new-tokens", "8", "--method", "full"],
+                        "--max-model-len", "16", "--max-new-tokens", "8", "--method", "full"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and p.stdout == ""
     lines = [ln for ln in p.stderr.splitlines() if not ln.startswith("[asyncspade]")]   # minus the loading line
@@ -127,3 +127,67 @@ def test_bundled_model_generate_prints_no_deprecation_warning():
     assert p.returncode == 0, p.stderr
     assert "Warning" not in p.stderr, p.stderr
     assert "[asyncspade] 8 tokens" in p.stderr or "finish stop" in p.stderr
+
+
+def test_non_utf8_argument_or_stdin_is_one_line_before_loading(tiny_dir):
+    """Item 12: bytes that are not UTF-8 in argv or on stdin gave a 20-line traceback after the model load."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "asyncspade", "generate", "--model", tiny_dir, "--max-new-tokens", "2"]
+    for extra, stdin, what in (([b"--prompt", b"caf\xe9 \xff"], b"", "--prompt"),
+                               ([], b"hello \xff\xfe there", "stdin")):
+        p = subprocess.run(cmd + extra, input=stdin, capture_output=True, env=env, timeout=300)
+        err = p.stderr.decode("utf-8", "replace")
+        assert p.returncode == 2 and p.stdout == b"", err
+        assert err.count("\n") == 1 and err.startswith("asyncspade: error: ") and what in err, err
+        assert "not valid UTF-8" in err and "loading" not in err and "Traceback" not in err
+
+
+def test_help_shows_every_default(capsys):
+    """Item 13: every flag's default is in --help (the method, bench's lists and counts were not)."""
+    def entries(*argv) -> dict[str, str]:
+        """flag -> its help text, whitespace-normalised."""
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--help"])
+        out, flags, current = capsys.readouterr().out, {}, None
+        for line in out.split("usage:", 1)[1].split("\n\n", 1)[1].splitlines():
+            if line.lstrip().startswith("-"):
+                current = line.split()[0].rstrip(",")
+                flags[current] = line
+            elif current:
+                flags[current] += " " + line
+        return {k: " ".join(v.split()) for k, v in flags.items()}
+    bench = entries("bench")
+    for flag, default in (("--methods", "full,quest,oracle,lastq,asyncspade"), ("--contexts", "4096,16384"),
+                          ("--batches", "1"), ("--steps", "16"), ("--warmup", "3"), ("--rounds", "2"),
+                          ("--threads", "2"), ("--fill", "2048"), ("--method", None)):
+        if default is None:
+            assert flag not in bench
+        else:
+            assert f"(default {default}" in bench[flag], (flag, bench[flag])
+    generate = entries("generate")
+    assert "(default asyncspade)" in generate["--method"]
+    assert "--max-model-len" in generate and "--max-context" not in generate          # one name, vLLM's
+    serve = entries("serve")
+    assert "--max-model-len" in serve and "--max-tokens-context" not in serve
+    assert "dist" in serve["--selector"] and "(default 4 MiB)" in serve["--max-request-bytes"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "hi", "--page-size", "0"], "page size must be a positive number"),
+    (["--prompt", "hi", "--method", "quest", "--budget", "128", "--page-size", "48"], "page size (48) to divide"),
+])
+def test_config_messages_are_true(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(gen, "load", lambda args: pytest.fail("the model was loaded"))
+    rc, _, err = main(capsys, *argv)
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_full_has_no_budget_and_a_long_context_warns(tiny_dir, capsys, tmp_path):
+    """Item 13: `--method full --budget 0` is fine (full attends everything); --max-model-len past the model's
+    positions is allowed with a warning; --json PATH writes the object there."""
+    out = tmp_path / "r.json"
+    rc, stdout, err = main(capsys, "--model", tiny_dir, "--prompt", PROMPT, "--max-new-tokens", "3", "--method",
+                           "full", "--budget", "0", "--max-model-len", "5000", "--json", str(out))
+    assert rc == 0, err
+    assert stdout == "" and json.loads(out.read_text())["tokens"] == 3
+    assert "warning: --max-model-len 5000 exceeds the model's 4096 positions" in err

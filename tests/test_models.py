@@ -301,3 +301,70 @@ def test_bundled_cache_matches_fresh_gguf_load(bundled_fp32):
     assert is_tied(fresh) and fresh.config.tie_word_embeddings
     ids = M.encode_prompt(tok, "Name three colours.")
     assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+# ----------------------------------------------------------------------------------------------------------- item 11
+
+
+def _save_tiny(path, config_cls, **extra):
+    """A tiny random checkpoint of ``config_cls`` with the bundled tokenizer, saved under ``path``."""
+    tok = M.bundled_tokenizer()
+    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_hf_model_id_resolves_from_the_local_cache(tmp_path, monkeypatch):
+    """An HF model id loads from the local Hugging Face cache, offline; an id that is not there is one clear line
+    saying how to get it (asyncspade never downloads)."""
+    from huggingface_hub import constants
+    from transformers import LlamaConfig
+    snap = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "0123abcd"
+    _save_tiny(snap, LlamaConfig)
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)                                     # no local directory of that name
+    model, tok = M.load_model("tiny-org/tiny-llama", torch.float32)
+    check_ready(model, torch.float32)
+    assert model.config.model_type == "llama" and len(tok) == model.config.vocab_size
+    with pytest.raises(M.ModelLoadError) as ei:
+        M.load_model("tiny-org/absent", torch.float32)
+    msg = str(ei.value)
+    assert "\n" not in msg and "Hugging Face cache" in msg and "hf download tiny-org/absent" in msg
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_supported_families_load(tmp_path, family):
+    from transformers import MistralConfig, Qwen2Config
+    cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    model, _ = M.load_model(str(_save_tiny(tmp_path, cls)), torch.float32)
+    assert model.config.model_type == family and M.unsupported_reason(model) is None
+
+
+@pytest.mark.parametrize("family,reason", [
+    ("gpt2", "no model.layers"), ("phi3", "fused qkv_proj"), ("olmo2", "post-norm"),
+])
+def test_unsupported_architectures_are_refused_in_one_line(tmp_path, family, reason, capsys):
+    """GPT-2, Phi-3 (fused qkv_proj) and OLMo-2 (post-norm) gave raw AttributeErrors deep in the engine."""
+    from transformers import GPT2Config, Olmo2Config, Phi3Config
+    if family == "gpt2":
+        tok, path = M.bundled_tokenizer(), tmp_path / "gpt2"
+        with torch.random.fork_rng(devices=[]):
+            AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
+                                                        n_positions=512)).save_pretrained(path)
+        tok.save_pretrained(path)
+    else:
+        path = _save_tiny(tmp_path / family, {"phi3": Phi3Config, "olmo2": Olmo2Config}[family])
+    with pytest.raises(M.ModelLoadError) as ei:
+        M.load_model(str(path), torch.float32)
+    msg = str(ei.value)
+    assert "\n" not in msg and reason in msg and family in msg and "Llama, Mistral, Qwen2, Qwen3, SmolLM" in msg
+    from asyncspade import cli
+    rc = cli.main(["generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and reason in err and "Traceback" not in err

@@ -201,11 +201,18 @@ def test_oracle_does_use_current_query(tiny_llama):
     assert seen and not all(seen)
 
 
-@pytest.mark.parametrize("bad", [dict(method="nope"), dict(budget=0), dict(method="oracle", budget=20),
-                                 dict(method="quest", budget=32), dict(method="quest", budget=200, page_size=48), dict(recent=0), dict(order=20)])
+@pytest.mark.parametrize("bad", [dict(method="nope"), dict(method="oracle", budget=0), dict(method="oracle", budget=20),
+                                 dict(method="quest", budget=32), dict(method="quest", budget=200, page_size=48),
+                                 dict(recent=0), dict(order=20)])
 def test_config_rejects_bad_settings(bad):
     with pytest.raises(ConfigError):
         SparseConfig(**bad).validate()
+
+
+def test_full_attention_has_no_budget():
+    assert SparseConfig(method="full", budget=0).validate().budget == 0
+    with pytest.raises(ConfigError, match="page size must be a positive"):
+        SparseConfig(method="quest", page_size=0).validate()
 
 
 def test_page_prefilter_candidates_are_the_best_pages():

@@ -1,81 +1,25 @@
 """The OpenAI-compatible server, end to end: a real server process around a tiny random model, called with the
 official ``openai`` client and raw HTTP. Every output is checked against the engine driven directly in-process."""
 import json
+import logging
 import os
-import pathlib
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from openai import OpenAI, RateLimitError
+from openai import RateLimitError
 
 from asyncspade.config import SparseConfig
 from asyncspade.engine import Engine
 from asyncspade.models import encode_prompt, tiny_model
 from asyncspade.sampling import SamplingParams
 from asyncspade.server import create_app
-from conftest import child_pids, lively, proc_state
+from conftest import (BUDGET, KEY, NAME, Server, child_pids, decode_recording_logits, lively, proc_state,
+                      shm_leftovers)
 
-HERE = pathlib.Path(__file__).parent
-BUDGET = 64                       # small, so the tiny model's decoding runs sparse past 64 cached tokens
 SPARSE = SparseConfig(method="asyncspade", budget=BUDGET)
-NAME = "asyncspade-smollm2"
-KEY = "sekrit"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="asyncspade-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "tiny_server.py"), "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--budget", str(BUDGET), *flags],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, headers=None, timeout=90.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, f"server exited: {self.output()}"
-            try:
-                if httpx.get(self.url + "/health", headers=headers, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        os.unlink(self.log.name)
-
-    def client(self, key: str = "none") -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def metric(self, name: str, headers=None) -> float:
-        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +166,90 @@ def test_sparse_override_per_request(server, ref_model):
     assert 'method="oracle",budget="32"' in httpx.get(server.url + "/metrics").text
 
 
+# ------------------------------------------------------------------------------------------------ item 6: fields
+
+
+def recorded(ref_model, ids, params, sparse=SPARSE):
+    """The engine's own output for one request, and the raw logits behind each sampled token."""
+    return decode_recording_logits(*ref_model, ids, params, sparse)
+
+
+def test_sampling_controls_are_applied(server, ref_model):
+    """presence/frequency/repetition penalties, logit_bias, top_k, min_p and stop_token_ids change the output as
+    the engine defines them (they used to be accepted and ignored)."""
+    prompt = "The sea, the sea, the sea and"
+    ids = plain_ids(ref_model, prompt)
+    body = dict(prompt=prompt, max_tokens=20, temperature=0, ignore_eos=True)
+    plain = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    extra = {"presence_penalty": 1.5, "frequency_penalty": 1.0, "repetition_penalty": 1.3, "top_k": 5, "min_p": 0.05,
+             "logit_bias": {"11": -100}}
+    r = httpx.post(server.url + "/v1/completions", json={**body, **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+    ref, _ = recorded(ref_model, ids, SamplingParams(max_tokens=20, ignore_eos=True, presence_penalty=1.5,
+                                                     frequency_penalty=1.0, repetition_penalty=1.3, top_k=5,
+                                                     min_p=0.05, logit_bias={11: -100.0}))
+    assert r.json()["choices"][0]["text"] == ref.text != plain
+    stop = ref.output_ids[3]
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={**body, **extra, "stop_token_ids": [stop]})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == ref.output_ids.index(stop)
+
+
+def test_logprobs_match_the_engine(server, ref_model):
+    """Chat ``logprobs``/``top_logprobs`` and completions ``logprobs``: the log-softmax of the engine's logits,
+    streamed or not."""
+    msg = "Name three colours."
+    ids = chat_ids(ref_model, msg)
+    ref, logits = recorded(ref_model, ids, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=3))
+    kw = dict(model=NAME, messages=[{"role": "user", "content": msg}], max_tokens=8, temperature=0, logprobs=True,
+              top_logprobs=3, extra_body={"ignore_eos": True})
+    r = server.client().chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 8
+    tok = ref_model[1]
+    for item, t, lg in zip(content, ref.output_ids, logits):
+        lp = lg.log_softmax(-1)
+        assert item.token == tok.decode([t]) and item.logprob == pytest.approx(float(lp[t]), abs=1e-4)
+        top = lp.topk(3)
+        assert [x.logprob for x in item.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    streamed = [c.choices[0].logprobs.content for c in server.client().chat.completions.create(**kw, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [x.logprob for part in streamed for x in part] == [x.logprob for x in content]
+    prompt = "Once upon a time"
+    ref, logits = recorded(ref_model, plain_ids(ref_model, prompt), SamplingParams(max_tokens=5, ignore_eos=True,
+                                                                                   logprobs=2))
+    r = server.client().completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                           extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([float(g.log_softmax(-1)[t]) for t, g in zip(ref.output_ids, logits)],
+                                              abs=1e-4)
+    assert all(len(d) >= 2 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+])
+def test_unimplemented_fields_are_refused_by_name(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert param in r.json()["error"]["message"]
+
+
+def test_best_of_and_meaningless_fields(server):
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "best_of": 3}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": "u1", "metadata": {"a": "b"},
+        "store": False, "response_format": {"type": "text"}, "tool_choice": "none", "best_of": None})
+    assert r.status_code == 200, r.text
+
+
 # ------------------------------------------------------------------------------------------------ concurrency
 
 
@@ -295,7 +323,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
         (comp, {"prompt": "hi", "asyncspade": {"method": "magic"}}, 400),
         (comp, {"prompt": "hi", "asyncspade": {"budget": -3}}, 400),
         (comp, {"prompt": "hi", "asyncspade": {"page": 3}}, 400),
-        (comp, {"prompt": "hi", "logprobs": 2}, 400),
+        (comp, {"prompt": "hi", "echo": True}, 400),
     ]
     for url, body, status in cases:
         kw = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -314,9 +342,22 @@ def test_api_key_required(small):
     assert httpx.post(small.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 401
     r = httpx.get(small.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(small.url + "/health").status_code == 401
     r = small.client(KEY).completions.create(model=NAME, prompt="hi", max_tokens=2, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 2
+
+
+def test_key_scheme_probes_and_model_lookup(small):
+    """Item 7: the scheme is case-insensitive; /health and /metrics answer probes without the key (as in vLLM); a
+    model is found by id (``client.models.retrieve``) and another id is a 404."""
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        r = httpx.get(small.url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        assert r.status_code == 200, scheme
+    assert httpx.get(small.url + "/health").json() == {"status": "ok"}
+    assert "asyncspade_generated_tokens_total" in httpx.get(small.url + "/metrics").text
+    assert small.client(KEY).models.retrieve(NAME).id == NAME
+    r = httpx.get(small.url + "/v1/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(small.url + f"/v1/models/{NAME}").status_code == 401          # /v1 stays keyed
 
 
 def _wait_metric(srv, name, value, headers, timeout=15.0):
@@ -341,6 +382,7 @@ def test_queue_full_gets_429(small):
     with pytest.raises(RateLimitError) as e:
         client.completions.create(model=NAME, prompt="c", max_tokens=4)
     assert e.value.status_code == 429
+    assert int(e.value.response.headers["Retry-After"]) >= 1               # item 7: when to come back
     long.close()                                                  # client leaves: its slot frees
     t.join(60)
     assert queued["r"].usage.completion_tokens == 4
@@ -374,23 +416,27 @@ def test_disconnect_frees_the_slot(small):
 # ------------------------------------------------------------------------------------------------ failures inside
 
 
-def test_engine_failure_fails_only_that_request(ref_model):
+def test_engine_failure_fails_only_that_request(ref_model, caplog):
     """In-process app: a decode step that raises fails its requests (500, or an error event when streaming);
     the engine thread survives and the next request is served."""
     model, tok = ref_model
-    app = create_app(model, tok, SPARSE, max_batch=2)
-    eng = app.state.server.loop.engines[SPARSE]
+    app = create_app(model, tok, SPARSE, max_batch=2, selector="sync")
+    eng = app.state.server.engines.engines[SPARSE]
 
     def hook(seqs, logits):
         if any(s.params.max_tokens == 7 for s in seqs):
-            raise RuntimeError("injected")
+            raise RuntimeError("injected /dev/shm/torch_123_secret")
     eng.logits_hook = hook
-    with TestClient(app) as c:
+    with TestClient(app) as c, caplog.at_level(logging.ERROR, "asyncspade.server"):
         r = c.post("/v1/completions", json={"prompt": "boom", "max_tokens": 7})
-        assert r.status_code == 500 and "injected" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert r.status_code == 500 and "internal error" in message
+        assert "secret" not in message and "injected" not in message          # internals stay in the log
+        ref = message.split("(ref ")[1][:8]
+        assert any(ref in rec.getMessage() and "injected" in rec.exc_text for rec in caplog.records)
         with c.stream("POST", "/v1/completions", json={"prompt": "boom", "max_tokens": 7, "stream": True}) as s:
-            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
-        assert "injected" in events[-1]["error"]["message"]
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert "internal error" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
         r = c.post("/v1/completions", json={"prompt": "fine", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200
         assert eng.running == [] and eng.waiting == []
@@ -425,4 +471,4 @@ def test_sigterm_leaves_nothing_behind(selector):
     finally:
         srv.close()
     assert "leaked" not in out and "Traceback" not in out, out
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert shm_leftovers(shm_before) == set()

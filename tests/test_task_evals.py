@@ -156,7 +156,9 @@ def test_report_renders_every_kind(tmp_path, capsys):
     assert "| asyncspade@256 | 0.9512 | 0.0345 |" in md
     assert "| full | - | 75.0% | - | 100.0% | 50.0% |" in md and "| quest | 256 | 25.0% | - | 50.0% | 0.0% |" in md
     assert "| full | 10 | 40 | 12.5% | 20.0% | 302 | 512 | 25.0% | 40.0 | 180.0 |" in md and "maj@4" in md
-    assert "| 4096 | 1 | 256 | asyncspade | 25.00 | 2.00x | 0.1 | 0.50 |" in md
+    # item 14: one meaning of "vs full", the same as the bench table's: the method's TPOT over full's, labelled
+    assert "| context | batch | budget | method | TPOT ms | TPOT vs full |" in md
+    assert "| 4096 | 1 | 256 | asyncspade | 25.00 | 0.50 | 0.1 | 0.50 |" in md and "below 1: faster" in md
     assert "![passkey.png](passkey.png)" in md and "(sub/other.png)" in md
     assert "`notes.json`" in md            # listed as not recognised
 
@@ -182,3 +184,31 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
 def test_report_of_an_empty_dir_is_an_error(tmp_path, capsys):
     rc, _, err = main(capsys, "eval", "report", tmp_path)
     assert rc == 2 and "no fidelity, passkey, math or bench" in err
+
+
+# ----------------------------------------------------------------------------------------------------------- data dir
+GSM = ('{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", '
+       '"answer": "3 + 4 = 7\\n#### 7"}\n')
+
+
+def test_data_directory_does_not_depend_on_the_working_directory(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Item 15: the evals' default data is found from anywhere: --data-dir, else $ASYNCSPADE_DATA, else the
+    repository default (they read ../shared/data relative to the working directory)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_test.jsonl").write_text(GSM)
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    run = ["eval", "math", "--model", tiny_dir, "--dtype", "fp32", "--n-samples", "1", "--max-new-tokens", "4",
+           "--methods", "full", "--json", tmp_path / "m.json"]
+    monkeypatch.setenv("ASYNCSPADE_DATA", str(data))
+    rc, _, err = main(capsys, *run)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["full"]["problems"] == 1
+    monkeypatch.setenv("ASYNCSPADE_DATA", str(tmp_path / "nowhere"))
+    rc, _, err = main(capsys, *run, "--data-dir", data)              # the flag wins over the environment
+    assert rc == 0, err
+    rc, _, err = main(capsys, *run)
+    assert rc == 2 and err.count("\n") == 1
+    assert "gsm8k_test.jsonl" in err and "--data-dir" in err and "ASYNCSPADE_DATA" in err and "repository" in err

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from asyncspade import server
+from asyncspade.cli import serve as server
 from asyncspade.models import tiny_model
 from conftest import lively        # this script's directory is tests/
 
@@ -36,7 +36,8 @@ def main() -> None:
     sock = server.bind(args)
     model, tokenizer = tiny_model("llama", seed=0)
     lively(model)
-    server.serve(server.app_from_args(args, model, tokenizer), sock, log_level="warning")
+    from asyncspade.server import serve
+    serve(server.app_from_args(args, model, tokenizer), sock, log_level="warning")
 
 
 if __name__ == "__main__":

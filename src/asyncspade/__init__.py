@@ -8,12 +8,12 @@ try:
 except PackageNotFoundError:      # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "SparseConfig", "__version__", "cache_keyword", "disable",
-           "enable", "sparse_attention"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "SparseConfig", "__version__", "cache_keyword",
+           "disable", "enable", "sparse_attention"]
 
 
 def __getattr__(name):   # keep `import asyncspade` light: torch/transformers load on first use
-    if name in ("LLM", "RequestOutput"):
+    if name in ("LLM", "RequestOutput", "CompletionOutput"):
         from . import api
         return getattr(api, name)
     if name == "SamplingParams":

@@ -9,6 +9,7 @@ core to the decode loop and one to the cache-rank worker.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,12 +22,13 @@ import torch
 from tqdm import tqdm
 
 from .arch import head_dim
-from .cli import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load, methods_from_args,
-                  sparse_from_args)
+from .cli.args import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load,
+                       methods_from_args, sparse_from_args)
 from .data import PROSE
 from .engine import Engine, kv_store_dtype
 from .kvcache import KVStore
 from .methods import method_class
+from .placement import auto_selector
 from .roofline import kv_bytes, read_bandwidth
 from .sampling import SamplingParams
 
@@ -35,8 +37,11 @@ def add_arguments(p) -> None:
     add_model_args(p)
     add_sparse_args(p, "full,quest,oracle,lastq,asyncspade", multi=True, selector=True)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated")
-    g.add_argument("--batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
+    g.add_argument("--contexts", default="4096,16384", help="cache lengths to decode at, comma-separated (default "
+                   "4096,16384; past the model's positions, 8192 for the bundled model, the cache is filled by tiling "
+                   "real text: right for timing, which does not depend on what the keys say)")
+    g.add_argument("--batches", dest="batch", default="1", help="batch sizes (concurrent sequences), comma-separated")
+    g.add_argument("--batch", dest="batch", default=argparse.SUPPRESS, help=argparse.SUPPRESS)   # its former name
     g.add_argument("--budgets", default=None, help="budgets to sweep, comma-separated (default: --budget)")
     g.add_argument("--steps", type=int, default=16, help="timed decode steps per method and round")
     g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
@@ -52,8 +57,8 @@ def add_arguments(p) -> None:
                    "its decode step reads and the time those bytes take at that bandwidth (the byte floor)")
     g.add_argument("--peer", default=None, metavar="PATH.json",
                    help="llama.cpp timings from scripts/peer_llamacpp.py --json, shown beside full at each context")
-    g.add_argument("--json", default=None, help="write the rows and the machine description here")
-    g.add_argument("--plot", default=None, help="write a TPOT-vs-context plot here (PNG)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine description here")
+    g.add_argument("--plot", default=None, metavar="PATH", help="write a TPOT-vs-context plot here (PNG)")
 
 
 def machine() -> dict:
@@ -95,9 +100,13 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int, o
     return ids
 
 
+def resolved_selector(args) -> str:
+    return auto_selector() if args.selector == "auto" else args.selector
+
+
 def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     ahead = method_class(cfg).ahead
-    selector = args.selector if ahead else "sync"
+    selector = resolved_selector(args) if ahead else "sync"
     # the engine decodes on --decode-threads when a cache-rank worker runs beside it, on --threads otherwise
     eng = Engine(model, tok, cfg, max_batch=batch, max_tokens=store.max_tokens, store=store, selector=selector,
                  on_late=args.on_late, decode_threads=args.decode_threads, **engine_options(args))
@@ -152,7 +161,7 @@ def run_sweep(args) -> dict:
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
                     kv_store_dtype(model, args.kv_dtype), args.page_size,
                     track_pages=any(method_class(c).needs_pages(c) for c in cfgs.values()),
-                    shared=args.selector == "async" and any(method_class(c).ahead for c in cfgs.values()),
+                    shared=resolved_selector(args) == "async" and any(method_class(c).ahead for c in cfgs.values()),
                     device=args.device)
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)

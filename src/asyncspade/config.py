@@ -71,13 +71,16 @@ class SparseConfig:
             raise ConfigError(f"unknown ridge kind {self.ridge_kind!r}; choose one of: {', '.join(RIDGE_KINDS)}")
         if self.aggregate not in ("sum", "max"):
             raise ConfigError("aggregate must be 'sum' or 'max'")
-        if self.budget <= 0:
-            raise ConfigError(f"budget must be positive, got {self.budget}")
+        if self.page_size <= 0:
+            raise ConfigError(f"page size must be a positive number of tokens, got {self.page_size}")
         if self.sink < 0 or self.recent < 1:
             raise ConfigError("sink must be >= 0 and recent >= 1 (the newest token is always attended)")
-        if self.method != "full" and self.budget <= self.sink + self.recent:
+        sparse = self.method != "full"       # dense attention has no budget: the budget checks are for the others
+        if sparse and self.budget <= 0:
+            raise ConfigError(f"budget must be positive, got {self.budget}")
+        if sparse and self.budget <= self.sink + self.recent:
             raise ConfigError(f"budget ({self.budget}) must exceed sink + recent ({self.sink} + {self.recent})")
-        if self.page_size <= 0 or (self.method == "quest" and self.k_mid < self.page_size):
+        if self.method == "quest" and self.k_mid < self.page_size:
             raise ConfigError(f"quest needs budget - sink - recent ({self.k_mid}) >= page size ({self.page_size})")
         if self.method == "quest" and self.budget % self.page_size:
             raise ConfigError(f"quest needs the page size ({self.page_size}) to divide the budget ({self.budget})")
@@ -100,7 +103,7 @@ class SparseConfig:
             raise ConfigError(f"min_sparse must be >= 0 (or None: measured), got {self.min_sparse}")
         if not 1 <= self.refresh <= self.recent or (self.refresh > 1 and not self.refine):
             raise ConfigError(f"refresh must be within 1..recent ({self.recent}), and above 1 only with refine")
-        if self.prefilter == "pages" and self.k_mid < self.page_size:
+        if sparse and self.prefilter == "pages" and self.k_mid < self.page_size:
             raise ConfigError(f"the page prefilter needs budget - sink - recent >= page size ({self.page_size})")
         return self
 

@@ -1,5 +1,10 @@
-"""The shared data files (benchmarks and reasoning traces live in ``../shared/data``, next to the repository; they
-are read from there, never copied or downloaded), and the one JSONL reader the commands use."""
+"""Where the shared data files are, and the one JSONL reader the commands use.
+
+Benchmarks and evaluation sets (math problems, reasoning traces, long prose) are read from one data directory,
+resolved once, whatever the working directory: ``--data-dir`` (the commands that read data take it), else
+``$ASYNCSPADE_DATA``, else the repository default ``../shared/data`` next to a source checkout. Nothing is copied
+or downloaded.
+"""
 from __future__ import annotations
 
 import json
@@ -7,12 +12,37 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-SHARED_DATA = os.path.join("..", "shared", "data")     # relative to the repository root, where commands run
+DATA_ENV = "ASYNCSPADE_DATA"
+# src/asyncspade/data.py -> the repository root -> its sibling shared/data
+REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def shared(name: str) -> str:
-    """Path of a shared data file, e.g. ``shared("tinyshakespeare.txt")``."""
-    return os.path.join(SHARED_DATA, name)
+class DataNotFound(FileNotFoundError):
+    """A shared data file is missing; the message names the three places that were considered."""
+
+
+def data_dir(flag: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``flag`` (``--data-dir``), else ``$ASYNCSPADE_DATA``, else the repository default."""
+    if flag:
+        return Path(flag).expanduser()
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else REPO_DATA
+
+
+def shared(name: str, flag: str | os.PathLike | None = None) -> str:
+    """Path of a shared data file, e.g. ``shared("tinyshakespeare.txt")`` (it may not exist)."""
+    return str(data_dir(flag) / name)
+
+
+def data_file(name: str, flag: str | os.PathLike | None = None) -> Path:
+    """Path of an existing shared data file; :class:`DataNotFound` naming every way to point at it otherwise."""
+    path = data_dir(flag) / name
+    if not path.is_file():
+        source = ("--data-dir" if flag else f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "the repository default")
+        raise DataNotFound(f"data file {name} not found in {path.parent} (from {source}); point at the data "
+                           f"directory with --data-dir DIR or the {DATA_ENV} environment variable (the repository "
+                           f"default is {REPO_DATA})")
+    return path
 
 
 TRACES = shared("reasoning_traces.jsonl")

@@ -26,7 +26,7 @@ from .lean import lean_model
 from .methods import method_class
 from .models import parse_dtype, transpose_fp32_linears
 from .runtime import SparseRuntime
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import Logprob, SamplingParams, make_generator, sample, token_logprobs
 
 
 def kv_store_dtype(model, kv_dtype: str | torch.dtype | None = DEFAULT_KV_DTYPE) -> torch.dtype:
@@ -50,6 +50,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None     # per output token, when params.logprobs is set
+    cumulative_logprob: float | None = None
     t_submit: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
@@ -75,6 +77,7 @@ class Event:
     token_ids: list[int]
     text: str                 # newly final text (stop strings held back until resolved)
     finished: bool
+    logprobs: list[dict[int, Logprob]] | None = None     # of ``token_ids``, when asked for
 
 
 @contextlib.contextmanager
@@ -150,6 +153,9 @@ class Engine:
         self._aborts: list[Sequence] = []
         self._ids = itertools.count()
         self.logits_hook = None      # optional callable(seqs, logits [B, V]) after every decode step (evals)
+        # optional callable(engine) -> the slot its next sequence may take, or None: lets engines that share one
+        # KV store (the server: one per sparse configuration) share its slots without touching each other's rows
+        self.slot_gate = None
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -159,24 +165,46 @@ class Engine:
         return ids
 
     # ---------------------------------------------------------------- requests
-    def add(self, prompt_ids: list[int], params: SamplingParams | None = None, decode_tail: int = 0) -> Sequence:
-        """Queue a request. The last ``decode_tail`` prompt tokens are fed through the decode path one at a time
-        (teacher-forced, so sparse selection acts on them as in decoding) instead of being prefilled."""
-        params = (params or SamplingParams()).validate()
+    def check(self, prompt_ids: list[int], params: SamplingParams | None = None, decode_tail: int = 0
+              ) -> SamplingParams:
+        """Raise :class:`RequestError` (a message for the user) if the request cannot be served; the params."""
+        params = params or SamplingParams()
+        try:
+            params.validate(self.config.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         if not prompt_ids:
             raise RequestError("empty prompt")
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         if not 0 <= decode_tail < len(prompt_ids):
             raise RequestError(f"decode_tail must be in [0, {len(prompt_ids) - 1}], got {decode_tail}")
         need = len(prompt_ids) + params.max_tokens
         if need > self.max_tokens:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {need} "
                                f"exceeds the context of {self.max_tokens} tokens")
-        seq = Sequence(next(self._ids), list(prompt_ids), params, prefill_len=len(prompt_ids) - decode_tail,
-                       t_submit=time.perf_counter())
-        seq.generator = make_generator(params.seed)
+        return params
+
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None, decode_tail: int = 0) -> Sequence:
+        """Queue a request. The last ``decode_tail`` prompt tokens are fed through the decode path one at a time
+        (teacher-forced, so sparse selection acts on them as in decoding) instead of being prefilled."""
+        return self.add_all([(prompt_ids, params)], decode_tail)[0]
+
+    def add_all(self, jobs: list[tuple[list[int], SamplingParams | None]], decode_tail: int = 0) -> list[Sequence]:
+        """Queue several requests, all or none: every one is checked before any is queued."""
+        checked = [(list(ids), self.check(ids, p, decode_tail)) for ids, p in jobs]
+        seqs = []
+        for ids, params in checked:
+            seq = Sequence(next(self._ids), ids, params, prefill_len=len(ids) - decode_tail,
+                           t_submit=time.perf_counter())
+            seq.generator = make_generator(params.seed)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            seqs.append(seq)
         with self._lock:
-            self.waiting.append(seq)
-        return seq
+            self.waiting.extend(seqs)
+        return seqs
 
     def adopt(self, slot: int, token_ids: list[int], params: SamplingParams) -> Sequence:
         """Run a sequence whose tokens the KV store already holds in ``slot`` (benchmarks fill one cache and
@@ -227,7 +255,7 @@ class Engine:
         events, prefilled = [], 0
         while True:
             with self._lock:
-                if not self.waiting or None not in self.slots:
+                if not self.waiting or self._free_slot() is None:
                     break
                 if prefilled and prefilled + self.waiting[0].prefill_len > self.prefill_budget:
                     break
@@ -240,8 +268,13 @@ class Engine:
                 events += self._decode(running)
         return [e for e in events if e is not None]
 
+    def _free_slot(self) -> int | None:
+        if self.slot_gate is not None:
+            return self.slot_gate(self)
+        return self.slots.index(None) if None in self.slots else None
+
     def _prefill(self, seq: Sequence) -> Event | None:
-        slot = self.slots.index(None)
+        slot = self._free_slot()
         self.slots[slot], seq.slot = seq, slot
         self.rt.begin_sequence(slot, slot + 1)
         ids = torch.tensor(seq.prompt_ids[:seq.prefill_len]).view(1, -1)
@@ -297,18 +330,23 @@ class Engine:
     def _append(self, seq: Sequence, logits: torch.Tensor) -> Event | None:
         if seq.fed < len(seq.prompt_ids):          # still feeding the prompt's decode tail: nothing to sample
             return None
-        tok = sample(logits, seq.params, seq.generator)
+        p = seq.params
+        tok = sample(logits, p, seq.generator, seq.prompt_ids, seq.output_ids)
         now = time.perf_counter()
         if not seq.output_ids:
             seq.t_first = now
         seq.t_last = now
-        p = seq.params
-        if tok in self.eos_ids and not p.ignore_eos:
+        new_lps = None
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             seq.finish_reason = "stop"
             new_ids = []
         else:
             seq.output_ids.append(tok)
             new_ids = [tok]
+            if seq.logprobs is not None:
+                new_lps = [token_logprobs(logits, tok, p.logprobs)]
+                seq.logprobs += new_lps
+                seq.cumulative_logprob += new_lps[0][tok].logprob
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             for s in p.stop:
                 cut = seq.text.find(s)
@@ -318,7 +356,7 @@ class Engine:
                 seq.finish_reason = "length"
         if seq.finished:
             self._release(seq)
-        return Event(seq, new_ids, self._emit(seq), seq.finished)
+        return Event(seq, new_ids, self._emit(seq), seq.finished, new_lps)
 
     def _emit(self, seq: Sequence) -> str:
         """Text that can be streamed now: hold back an incomplete UTF-8 tail and a possible stop-string prefix."""

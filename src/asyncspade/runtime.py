@@ -8,6 +8,7 @@ drop-in) reach it through the registered attention function, which finds it on e
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -22,6 +23,11 @@ from .selection.passes import refine
 
 
 MIN_SPARSE_ENV = "ASYNCSPADE_MIN_SPARSE"
+
+
+# Held around a forward by whoever may build another runtime on the same model from another thread (the server builds
+# engines off its engine thread): switching the model's attention modules waits for the forward in flight to end.
+MODEL_LOCK = threading.RLock()
 
 
 class SparseRuntime:
@@ -86,8 +92,9 @@ class SparseRuntime:
     def activate(self) -> None:
         """Make this runtime the one the model's attention modules use (several engines may share one model)."""
         if getattr(self.layers[0].self_attn, "asyncspade_rt", None) is not self:
-            for layer in self.layers:
-                layer.self_attn.asyncspade_rt = self
+            with MODEL_LOCK:
+                for layer in self.layers:
+                    layer.self_attn.asyncspade_rt = self
 
     def _forecasting(self, layer: int) -> bool:
         batch = self.batch

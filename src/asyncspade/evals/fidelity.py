@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..cli import (UserError, add_model_args, add_sparse_args, engine_options, int_list, load, methods_from_args,
-                   sparse_from_args)
+from ..cli.args import (UserError, add_data_arg, add_model_args, add_sparse_args, data_default, engine_options,
+                        int_list, load, methods_from_args, sparse_from_args)
 from ..config import PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig, sparse_at
-from ..data import TRACES, trace_texts
+from ..data import trace_texts
 from ..engine import Engine
 from ..models import encode_prompt
 from ..sampling import SamplingParams
 from ..scoring import topk_tokens
 
-DEFAULT_DATA = TRACES
+DEFAULT_DATA = "reasoning_traces.jsonl"          # in the data directory
 TEXT_MAX_TOKENS, TEXT_PREFILL, TEXT_WINDOWS = 4096, 1024, 4
 REF = "full (reference)"
 
@@ -309,8 +309,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_sparse_args(p, "oracle,quest,lastq,asyncspade,streaming", multi=True)
     g = p.add_argument_group("fidelity")
-    g.add_argument("--data", default=DEFAULT_DATA, help="JSONL reasoning traces (prompt + output) or a plain-text file "
-                   f"cut into windows (default {DEFAULT_DATA}, relative to the working directory)")
+    g.add_argument("--data", default=None, help="JSONL reasoning traces (prompt + output) or a plain-text file cut "
+                   f"into windows (default: {DEFAULT_DATA} in the data directory)")
+    add_data_arg(g)
     g.add_argument("--chat", action="store_true", help="traces: wrap the prompt in the model's chat template (default: "
                    "raw text, the prompts already carry the trace model's template)")
     g.add_argument("--limit", type=_positive, default=None,
@@ -331,7 +332,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--formats", default=None, metavar="LIST",
                    help="instead of methods: compare weight/KV formats of dense decoding with an fp32/fp32 reference, "
                    "comma-separated WEIGHTS/KV, e.g. int8/bf16,int4/bf16,bf16/bf16 (every step counts)")
-    g.add_argument("--batch", type=_positive, default=4, help="windows decoded together per engine (default 4)")
+    g.add_argument("--max-batch", dest="batch", type=_positive, default=4,
+                   help="windows decoded together per engine (default 4)")
+    g.add_argument("--batch", dest="batch", type=_positive, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--json", default=None, metavar="PATH", help="write settings and results as JSON")
     g.add_argument("--plot", default=None, metavar="PATH.png", help="plot KL and recall vs position")
 
@@ -418,7 +421,7 @@ def format_variants(text: str) -> dict[str, dict]:
 def run(args) -> int:
     formats = format_variants(args.formats) if args.formats else None
     configs = {f"full[{f}]": SparseConfig() for f in formats} if formats else configs_from_args(args)
-    data_path(args.data)                          # fail before the model loads
+    data_path(data_default(args, "data", DEFAULT_DATA))         # fail before the model loads
     model, tok = load(args)
     windows = read_windows(args.data, tok, model.config.max_position_embeddings, chat=args.chat, limit=args.limit,
                            max_tokens=args.max_tokens, prefill=args.prefill, windows=args.windows)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import UserError, add_model_args, add_sparse_args, load, methods_from_args, sparse_from_args
-from ..data import shared
+from ..cli.args import UserError, add_data_arg, add_model_args, add_sparse_args, data_default, load, \
+    methods_from_args, sparse_from_args
 from ..engine import Engine
 from ..models import encode_prompt
 from ..sampling import SamplingParams
 from .math_data import build_messages, extract_answer, is_correct, load_problems, majority_vote
 
-DEFAULT_DATA = shared("gsm8k_test.jsonl")
+DEFAULT_DATA = "gsm8k_test.jsonl"          # in the data directory
 TIMING = ("wall_s", "tpot_s")     # per-run measurements: they differ between runs, everything else must not
 
 
@@ -35,8 +35,9 @@ def add_arguments(p) -> None:
     add_model_args(p)
     add_sparse_args(p, "full,asyncspade", multi=True)
     g = p.add_argument_group("math")
-    g.add_argument("--data", default=DEFAULT_DATA, help="JSONL problems: gsm8k_test, math500_test, aime24, aime25 "
-                   f"(default {DEFAULT_DATA})")
+    g.add_argument("--data", default=None, help="JSONL problems: gsm8k_test, math500_test, aime24, aime25 "
+                   f"(default: {DEFAULT_DATA} in the data directory)")
+    add_data_arg(g)
     g.add_argument("--limit", type=int, default=None, help="only the first N problems")
     g.add_argument("--n-samples", type=int, default=4, help="samples per problem (default 4)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
@@ -214,7 +215,7 @@ def run(args) -> int:
     _check(args)
     methods = methods_from_args(args)
     configs = {m: sparse_from_args(args, m) for m in methods}
-    if not Path(args.data).is_file():
+    if not Path(data_default(args, "data", DEFAULT_DATA)).is_file():
         raise UserError(f"data file not found: {args.data}")
     try:
         problems = load_problems(args.data, args.limit)

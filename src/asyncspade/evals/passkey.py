@@ -3,7 +3,7 @@
 A case is a haystack of real text with a random 5-digit pass key sentence at some depth. The haystack is prefilled
 densely; the question goes through the decode path one token at a time (``decode_tail``), so the sparse selection
 acts on it exactly as in decoding; then a few tokens are generated greedily and checked for the key. Every method
-sees the same cases. ``--context`` counts everything: prompt and generated tokens.
+sees the same cases. ``--contexts`` counts everything: prompt and generated tokens.
 
 Prompt layout: ``--no-chat`` (default) is the plain-text protocol of LongLoRA/Quest, the question ending in "The pass
 key is" so the model completes the number. ``--chat`` wraps the haystack in the chat template and asks "What is the
@@ -23,14 +23,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..cli import UserError, add_model_args, add_sparse_args, int_list, load, methods_from_args, sparse_from_args
-from ..data import PROSE
+from ..cli.args import UserError, add_data_arg, add_model_args, add_sparse_args, data_default, int_list, load, \
+    methods_from_args, sparse_from_args
 from ..engine import Engine
 from ..sampling import SamplingParams
 from .passkey_data import QUESTION, check_passkey, make_passkey_prompt, random_key
 from .report import ctx_label
 
-DEFAULT_HAYSTACK = PROSE
+DEFAULT_HAYSTACK = "tinyshakespeare.txt"          # in the data directory
 CHAT_QUESTION = "\nWhat is the pass key?"
 
 
@@ -48,10 +48,12 @@ def add_arguments(p) -> None:
     add_model_args(p)
     add_sparse_args(p, "full,quest,asyncspade,streaming", multi=True)
     g = p.add_argument_group("passkey")
-    g.add_argument("--haystack", default=DEFAULT_HAYSTACK,
-                   help=f"text file for the haystack (default {DEFAULT_HAYSTACK})")
-    g.add_argument("--context", default="2048,4096,8192", help="comma-separated context lengths in tokens, prompt and "
-                   "generated tokens included (default 2048,4096,8192)")
+    g.add_argument("--haystack", default=None,
+                   help=f"text file for the haystack (default: {DEFAULT_HAYSTACK} in the data directory)")
+    add_data_arg(g)
+    g.add_argument("--contexts", dest="context", default="2048,4096,8192", help="comma-separated context lengths in "
+                   "tokens, prompt and generated tokens included (default 2048,4096,8192)")
+    g.add_argument("--context", dest="context", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--depths", type=int, default=10,
                    help="number of needle depths, evenly spaced over 0..1 (default 10)")
     g.add_argument("--trials", type=int, default=2, help="cases per (context, depth), each with its own key and "
@@ -101,7 +103,7 @@ def build_cases(tokenizer, haystack: str, contexts: list[int], depths: list[floa
                 try:
                     c = make_passkey_prompt(tokenizer, haystack, room, depth, key, offset)
                 except ValueError as e:
-                    raise UserError(f"--context {ctx}: {e}") from None
+                    raise UserError(f"--contexts {ctx}: {e}") from None
                 question = chat_q if chat else c.question_ids
                 ids = head + c.prefill_ids + question
                 cases.append(Case(ctx, depth, str(key), ids, len(question), len(head) + c.needle_token_pos))
@@ -181,11 +183,11 @@ def _table(results: dict, contexts: list[int]) -> str:
 def run(args) -> int:
     methods = methods_from_args(args)
     configs = {m: sparse_from_args(args, m) for m in methods}
-    contexts = int_list(args.context, "--context")
+    contexts = int_list(args.context, "--contexts")
     for name in ("depths", "trials", "new_tokens", "max_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    hay_path = Path(args.haystack)
+    hay_path = Path(data_default(args, "haystack", DEFAULT_HAYSTACK))
     if not hay_path.is_file():
         raise UserError(f"haystack file not found: {hay_path}")
     haystack = hay_path.read_text(encoding="utf-8", errors="replace")
@@ -196,7 +198,7 @@ def run(args) -> int:
     model, tokenizer = load(args)
     limit = model.config.max_position_embeddings
     if max(contexts) > limit:
-        raise UserError(f"--context {max(contexts)} exceeds the model's {limit} positions")
+        raise UserError(f"--contexts {max(contexts)} exceeds the model's {limit} positions")
     cases = build_cases(tokenizer, haystack, contexts, depths, args.trials, args.seed, args.new_tokens, args.chat)
     results, texts = {}, {}
     with tqdm(total=len(cases) * len(methods), desc="passkey", unit="case", file=sys.stderr) as bar:

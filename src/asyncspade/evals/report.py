@@ -7,19 +7,25 @@ plots are linked at the end.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
-from ..cli import UserError
+from ..cli.args import UserError
 
 KINDS = ("fidelity", "passkey", "math", "bench")
+# one meaning, as in ``asyncspade bench``'s table: the method's TPOT over full's at the same context and batch
+VS_FULL = "TPOT vs full"
+VS_FULL_MEANS = "the method's TPOT divided by full attention's at the same context and batch (below 1: faster)."
 BENCH_COLS = ("context", "batch", "budget", "method")
 
 
 def add_arguments(p) -> None:
     p.add_argument("dir", help="directory with the JSON results (searched recursively)")
-    p.add_argument("--out", default=None, metavar="PATH", help="Markdown file to write (default DIR/REPORT.md)")
+    p.add_argument("--md", dest="out", default=None, metavar="PATH", help="Markdown file to write (default "
+                   "DIR/REPORT.md)")
+    p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)   # its former name
 
 
 def kind_of(data) -> str | None:
@@ -126,14 +132,14 @@ def render_bench(data: dict) -> str:
     body = []
     for r in order:
         base = full.get((r.get("context"), r.get("batch")))
-        speedup = f"{base / r['tpot_s']:.2f}x" if base and r["tpot_s"] else ""
-        cells = [r.get(c) for c in BENCH_COLS] + [f"{1000 * r['tpot_s']:.2f}", speedup]
+        ratio = f"{r['tpot_s'] / base:.2f}" if base and r["tpot_s"] else ""
+        cells = [r.get(c) for c in BENCH_COLS] + [f"{1000 * r['tpot_s']:.2f}", ratio]
         for k in extra:
             v = r.get(k)
             cells.append(f"{1000 * v:.2f}" if k == "wait_s" and isinstance(v, (int, float)) else v)
         body.append(cells)
-    header = list(BENCH_COLS) + ["TPOT ms", "vs full"] + [("wait ms" if k == "wait_s" else k) for k in extra]
-    text = md_table(header, body)
+    header = list(BENCH_COLS) + ["TPOT ms", VS_FULL] + [("wait ms" if k == "wait_s" else k) for k in extra]
+    text = md_table(header, body) + f"\n\n{VS_FULL}: {VS_FULL_MEANS}"
     machine = data.get("machine")
     if machine:
         m = ", ".join(f"{k}={_fmt(v)}" for k, v in machine.items()) if isinstance(machine, dict) else _fmt(machine)

@@ -32,6 +32,7 @@ SIGNATURES = {
     "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
     "ridge_forecast": [_P, _P, _I64, _I, _I, _I, _F, _P, _I],
+    "linear_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
@@ -242,6 +243,18 @@ def ridge_forecast(w: torch.Tensor, count: torch.Tensor, order: int, ridge: floa
     cnt = count.view(b, 1).expand(b, h).contiguous()
     out = torch.empty(b, h, d)
     _lib.ridge_forecast(_ptr(w), _ptr(cnt), b * h, win, d, order, ridge, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32 (logits in full precision)."""
+    m, k = x.shape
+    n = w.shape[0]
+    if not _use_c(x) or w.device.type != "cpu":
+        return reference.linear_i8(x, w, scale)
+    x = x.contiguous()
+    out = torch.empty(m, n)
+    _lib.linear_i8(_ptr(x), _bf(x), _ptr(w), _ptr(scale), _ptr(out), m, n, k, torch.get_num_threads())
     return out
 
 

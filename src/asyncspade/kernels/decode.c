@@ -759,6 +759,52 @@ void ridge_forecast(const float *w, const int64_t *count, int64_t R, int W, int 
     }
 }
 
+/* ------------------------------------------------------------------------------------------------ LM head */
+
+/* out [M, N] fp32 = x [M, K] (fp32 or bf16) . (w [N, K] int8 * scale [N])^T: the LM head in int8 with logits in
+ * full precision (torch's int8 kernel rounds its output to the activations' bf16). Rows of w in blocks of 16 over
+ * the threads; each block's 16 dot products per x row are reduced together. */
+void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, float *out, int M, int N, int K,
+               int nthreads) {
+    float *xf = malloc(sizeof(float) * (size_t)M * K);
+    for (int m = 0; m < M; m++) load_row(x, x_bf16, (int64_t)m * K, K, xf + (int64_t)m * K);
+    int64_t blocks = (N + 15) / 16;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        int n0 = (int)(blk * 16), nb = N - n0 < 16 ? N - n0 : 16;
+        for (int m = 0; m < M; m++) {
+            const float *xm = xf + (int64_t)m * K;
+            float res[16];
+#ifdef __AVX512F__
+            if (K % 16 == 0) {
+                __m512 part[16];
+                for (int j = 0; j < 16; j++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    if (j < nb) {
+                        const int8_t *wr = w + (int64_t)(n0 + j) * K;
+                        for (int k = 0; k < K; k += 16) {
+                            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm_loadu_si128((const __m128i *)(wr + k))));
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k), wv, acc);
+                        }
+                    }
+                    part[j] = acc;
+                }
+                _mm512_storeu_ps(res, hsum16(part));
+            } else
+#endif
+            for (int j = 0; j < nb; j++) {
+                const int8_t *wr = w + (int64_t)(n0 + j) * K;
+                float acc = 0.f;
+                for (int k = 0; k < K; k++) acc += xm[k] * (float)wr[k];
+                res[j] = acc;
+            }
+            for (int j = 0; j < nb; j++) out[(int64_t)m * N + n0 + j] = res[j] * scale[n0 + j];
+        }
+    }
+    free(xf);
+}
+
 /* ------------------------------------------------------------------------------------------------ layer glue */
 
 /* qkv [N, (H + 2 KVH) D] (fp32 or bf16) of N tokens; token i belongs to store row slot[i] at position pos[i].

@@ -96,6 +96,10 @@ def topk(scores, k, idx=None, lo=0, expand=1) -> torch.Tensor:
     return (pos[..., None] * expand + torch.arange(expand)).flatten(-2)
 
 
+def linear_i8(x, w, scale) -> torch.Tensor:
+    return (x.float() @ w.float().t()) * scale.float()
+
+
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 

@@ -1,38 +1,33 @@
-"""``asyncspade generate | bench | eval {fidelity,passkey,math,report} | serve``.
-
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file
-only wires them and turns user errors into one line on stderr and exit code 2 (never a traceback).
-"""
+"""The flags and helpers the commands share: model and sparse-attention flags, the data directory, list parsing,
+model loading, and the help formatter that shows every default. Commands import this, never the dispatcher."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from .config import (DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, METHODS, PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, ConfigError,
-                     SparseConfig)
-
-COMMANDS = {
-    "generate": ("asyncspade.generate", "generate text for one prompt (streams tokens, reports TTFT/TPOT)"),
-    "bench": ("asyncspade.bench", "decode speed (TPOT) of the methods side by side, and vs Hugging Face generate"),
-    "serve": ("asyncspade.server", "OpenAI-compatible HTTP server with continuous batching"),
-}
-EVALS = {
-    "fidelity": ("asyncspade.evals.fidelity", "teacher-forced fidelity of sparse vs dense on reasoning traces or prose"),
-    "passkey": ("asyncspade.evals.passkey", "pass key retrieval over context lengths and depths"),
-    "math": ("asyncspade.evals.math", "math accuracy with several samples per problem and majority voting"),
-    "report": ("asyncspade.evals.report", "gather JSON results of a directory into one Markdown report"),
-}
+from ..config import DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, METHODS, PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+class Formatter(argparse.HelpFormatter):
+    """``--help`` ends every flag's help with its default, unless the help states it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or text == argparse.SUPPRESS):
+            return text
+        return text + " (default %(default)s)"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+                   help="HF checkpoint directory, Hugging Face model id (from the local cache, offline) or .gguf file "
+                   "(default: the bundled SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype the checkpoint is loaded in (the Hugging Face modules' precision; the lean forward "
                    "converts from it to --weights) (default fp32)")
@@ -46,10 +41,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "asynchronous cache-rank worker needs cpu)")
 
 
+def add_model_len_arg(p, help_: str = "context per sequence in tokens, prompt and output included (default: the "
+                      "model's maximum positions)") -> None:
+    """``--max-model-len`` (vLLM's name), the one name of the context limit in every command."""
+    p.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS", help=help_)
+
+
 def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspade", multi: bool = False,
                     selector: bool = False) -> None:
     """The sparse-attention flags. ``selector=True`` adds where lastq/asyncspade select (``--selector``,
-    ``--on-late``): timing, not results, so evaluations that compare selections leave it out."""
+    ``--on-late``): timing, not results, so evaluations that compare selections leave it out (``auto``: see
+    :mod:`asyncspade.placement`)."""
     d = SparseConfig()
     g = p.add_argument_group("sparse attention")
     if multi:
@@ -58,8 +60,9 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     else:
         g.add_argument("--method", default=method_default, help=f"attention method: {', '.join(METHODS)}")
     g.add_argument("--budget", type=int, default=d.budget, help="tokens attended per sparse layer and KV head, "
-                   f"sinks and recent window included (default {d.budget})")
-    g.add_argument("--page-size", type=int, default=d.page_size, help=f"Quest page size (default {d.page_size})")
+                   f"sinks and recent window included (default {d.budget}; full attention has none)")
+    g.add_argument("--page-size", type=int, default=d.page_size,
+                   help=f"page size of Quest and of the page prefilter (default {d.page_size})")
     g.add_argument("--sink", type=int, default=d.sink, help=f"first tokens always attended (default {d.sink})")
     g.add_argument("--recent", type=int, default=d.recent, help=f"newest tokens always attended (default {d.recent})")
     g.add_argument("--dense-layers", type=int, default=d.dense_layers,
@@ -87,13 +90,15 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
                    help="caches up to N tokens decode densely (default: measured at start by the cost model, the "
                    "length from which sparse attention is cheaper on this machine; 0: sparse from the budget on)")
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
-                   help="GQA: combine per-head softmax scores by sum or max (default sum)")
+                   help=f"GQA: combine per-head softmax scores by sum or max (default {d.aggregate})")
     if selector:
-        g.add_argument("--selector", default="async", choices=["async", "sync", "dist"],
-                       help="where lastq/asyncspade select: async (the cache-rank worker process over shared "
-                       "memory, off the decode loop's critical path), dist (a cache rank over torch.distributed "
-                       "with its own key copy, for another device or host), or sync (in-process, when each "
-                       "selection becomes possible) (default async)")
+        g.add_argument("--selector", default="auto", choices=["auto", "async", "sync", "dist"],
+                       help="where lastq/asyncspade select: auto (the cache-rank worker when the machine has a core "
+                       "for it beyond the decode loop's two, else in-process: BENCHMARKS.md measures why), async "
+                       "(the cache-rank worker process over shared memory, off the decode loop's critical path; sync "
+                       "with a warning when /dev/shm is too small for the KV store and auto chose it), dist (a cache "
+                       "rank over torch.distributed with its own key copy, for another device or host), or sync "
+                       "(in-process, when each selection becomes possible) (default auto)")
         g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
                        help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
                        "step's set (default wait)")
@@ -102,6 +107,12 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
 def engine_options(args) -> dict:
     """The engine's format settings from the model flags (``Engine(..., **engine_options(args))``)."""
     return {"weights": args.weights, "kv_dtype": args.kv_dtype, "device": args.device}
+
+
+def add_data_arg(p: argparse.ArgumentParser) -> None:
+    from ..data import DATA_ENV, REPO_DATA
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help=f"directory of the shared data files (default: ${DATA_ENV}, else {REPO_DATA})")
 
 
 def sparse_from_args(args, method: str | None = None) -> SparseConfig:
@@ -133,55 +144,61 @@ def int_list(text: str, name: str) -> list[int]:
     return vals
 
 
+def say(msg: str) -> None:
+    print(f"[asyncspade] {msg}", file=sys.stderr, flush=True)
+
+
 def load(args, progress=None):
     """Load the model from ``--model/--dtype``, reporting progress on stderr."""
-    from .models import load_model, parse_dtype
-
-    def say(msg):
-        print(f"[asyncspade] {msg}", file=sys.stderr, flush=True)
+    from ..models import load_model, parse_dtype
     return load_model(args.model, parse_dtype(args.dtype), progress=progress or say)
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """All subcommands are listed; only the one named in ``argv`` imports its module (fast ``--help``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    chosen = set(argv[:2])
-    parser = argparse.ArgumentParser(prog="asyncspade", description="Query-aware sparse attention whose top-k "
-                                     "token selection runs ahead of the decode loop (AsyncSpade). "
-                                     "`asyncspade COMMAND --help` explains each command's flags.")
-    from . import __version__
-    parser.add_argument("--version", action="version", version=f"asyncspade {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(subparsers, name, mod, help_, wanted):
-        p = subparsers.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=mod)
-        if wanted:
-            importlib.import_module(mod).add_arguments(p)
-
-    for name, (mod, help_) in COMMANDS.items():
-        add(sub, name, mod, help_, name in chosen)
-    ev = sub.add_parser("eval", help="evaluations: " + ", ".join(EVALS), description="evaluations")
-    evsub = ev.add_subparsers(dest="eval", required=True, metavar="EVAL")
-    for name, (mod, help_) in EVALS.items():
-        add(evsub, name, mod, help_, "eval" in chosen and name in chosen)
-    return parser
+def check_model_len(max_model_len: int | None, model) -> None:
+    """A context beyond the model's positions is allowed (speed runs), with a warning: outputs there are unreliable."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if max_model_len and limit and max_model_len > limit:
+        say(f"warning: --max-model-len {max_model_len} exceeds the model's {limit} positions; tokens past {limit} "
+            "are decoded at positions it was not trained for")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    from .engine import RequestError
-    from .models import ModelLoadError
+def utf8_text(value: str, what: str) -> str:
+    """``value`` if it is valid UTF-8 text, else a :class:`UserError` naming ``what`` (command-line arguments and
+    stdin reach Python with undecodable bytes as surrogates, which a tokenizer would fail on after the model load)."""
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except (UserError, ConfigError, RequestError, ModelLoadError, FileNotFoundError) as e:
-        print(f"asyncspade: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("asyncspade: interrupted", file=sys.stderr)
-        return 130
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = value[e.start].encode("utf-8", "surrogateescape")[:1]
+        raise UserError(f"{what} is not valid UTF-8 text (byte 0x{byte.hex() or '??'} at character {e.start})") \
+            from None
+    return value
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def check_utf8_args(parser: argparse.ArgumentParser, args) -> None:
+    """Every text argument must be UTF-8 (checked before any model loads)."""
+    flags = {a.dest: max(a.option_strings, key=len) if a.option_strings else a.dest for a in _actions(parser)}
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                utf8_text(v, flags.get(dest, dest))
+
+
+def _actions(parser: argparse.ArgumentParser):
+    for a in parser._actions:
+        yield a
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _actions(sub)
+
+
+def data_default(args, attr: str, name: str) -> str:
+    """``args.<attr>`` as given, or the shared data file ``name`` from the data directory (``--data-dir``,
+    ``$ASYNCSPADE_DATA``, the repository default), whatever the working directory; a :class:`UserError` naming the
+    three when it is missing."""
+    from ..data import DataNotFound, data_file
+    if getattr(args, attr) is None:
+        try:
+            setattr(args, attr, str(data_file(name, getattr(args, "data_dir", None))))
+        except DataNotFound as e:
+            raise UserError(str(e)) from None
+    return getattr(args, attr)
