@@ -84,14 +84,14 @@ class LeanModel:
         self.converted = 0                   # projections converted here rather than read from ``cached``
         self._linears: dict[str, Linear] = {}
 
-        def make(prefix):
+        def make(prefix, fmt=weights):
             def make_linear(name, weight, bias):
                 key = f"{prefix}{name}"
                 parts = {k.split(":", 1)[1]: v for k, v in (cached or {}).items() if k.split(":", 1)[0] == key}
                 if parts:
-                    lin = Linear(weights, {k: v.to(device) for k, v in parts.items()}, *weight.shape)
+                    lin = Linear(fmt, {k: v.to(device) for k, v in parts.items()}, *weight.shape)
                 else:
-                    lin = Linear.from_weight(weights, weight, bias, device=device)
+                    lin = Linear.from_weight(fmt, weight, bias, device=device)
                     self.converted += 1
                 self._linears[key] = lin
                 return lin
@@ -101,8 +101,9 @@ class LeanModel:
             self.embed = m.embed_tokens.weight.detach().to(device)
             self.layers = [LayerWeights(layer, make(f"layers.{i}.")) for i, layer in enumerate(m.layers)]
             self.final_norm = m.norm.weight.detach().float().to(device)
-            self.lm_head = make("")("lm_head", model.lm_head.weight, getattr(model.lm_head, "bias", None))
-        self.act_dtype = self.lm_head.act_dtype
+            # the LM head: int8 whenever the weights are quantized, read with fp32 logits (kernels.linear_i8)
+            head = make("", "fp32" if weights == "fp32" else "int8")
+            self.lm_head = head("lm_head", model.lm_head.weight, getattr(model.lm_head, "bias", None))
         self.windows = layer_windows(cfg)
         self._rotary = m.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim // 2)
@@ -141,11 +142,12 @@ class LeanModel:
         slot = (torch.arange(batch.lo, batch.hi, device=dev)).repeat_interleave(n_tok)
         pos = (batch.start.to(dev)[:, None] + torch.arange(n_tok, device=dev)).reshape(-1)
         h = self.embed[ids.reshape(-1).to(dev)].float()                 # [N, C] fp32 residual
-        x = torch.empty(n, self.hidden, dtype=self.act_dtype, device=dev)
+        act_dtype = self.layers[0].qkv.act_dtype_for(n)
+        x = torch.empty(n, self.hidden, dtype=act_dtype, device=dev)
         kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps, x)
         q = torch.empty(n, H, D, device=dev)
-        attn = torch.empty(n, H * D, dtype=self.act_dtype, device=dev)
-        act = torch.empty(n, self.layers[0].down.in_features, dtype=self.act_dtype, device=dev)
+        attn = torch.empty(n, H * D, dtype=act_dtype, device=dev)
+        act = torch.empty(n, self.layers[0].down.in_features, dtype=act_dtype, device=dev)
         decode = n_tok == 1
         for i, lw in enumerate(self.layers):
             if decode:
@@ -162,8 +164,7 @@ class LeanModel:
             kernels.silu_mul(lw.gate_up(x), act)
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             kernels.add_rmsnorm(h, lw.down(act), nxt, self.eps, x)
-        last = x.view(b, n_tok, -1)[:, -1]
-        return self.lm_head(last).float()
+        return self.lm_head.logits(x.view(b, n_tok, -1)[:, -1])
 
     def _prefill_attention(self, layer: int, q: torch.Tensor, store: KVStore, batch: Batch, n_tok: int):
         """Causal attention of one sequence's chunk of ``n_tok`` queries at offset ``o`` over the store's first
@@ -190,7 +191,7 @@ class LeanModel:
         entered an earlier layer, at ``positions [B]``: the cross-layer forecast."""
         lw = self.layers[layer]
         b = hidden.shape[0]
-        x = torch.empty(b, self.hidden, dtype=self.act_dtype, device=hidden.device)
+        x = torch.empty(b, self.hidden, dtype=lw.q_proj.act_dtype_for(b), device=hidden.device)
         kernels.add_rmsnorm(hidden.clone(), None, lw.attn_norm, self.eps, x)
         q = torch.empty(b, self.heads, self.head_dim, device=hidden.device)
         bias = None if lw.qkv_bias is None else lw.qkv_bias[:lw.q_rows]

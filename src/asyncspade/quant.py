@@ -1,26 +1,31 @@
 """Weight formats of the lean forward: one :class:`Linear` per projection, in the layout its kernel reads.
 
-=======  =============================================  ==============================================  ===========
-format   stored                                         kernel                                          activations
-=======  =============================================  ==============================================  ===========
-fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``                                     fp32
-bf16     ``W [N, K]`` bf16                              ``F.linear``                                    bf16
-int8     ``W [N, K]`` int8 + per-output-channel scale   ``torch._weight_int8pack_mm``                   bf16
-int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``           bf16
+=======  =============================================  =================================================  ===========
+format   stored                                         kernel                                             activations
+=======  =============================================  =================================================  ===========
+fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``                                        fp32
+bf16     ``W [N, K]`` bf16                              ``F.linear``                                       bf16
+int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 32 rows): ``kernels.linear_i8``;        fp32 / bf16
+                                                        prefill: ``torch._weight_int8pack_mm``
+int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``              bf16
          (32 columns) scale and zero
-=======  =============================================  ==============================================  ===========
+=======  =============================================  =================================================  ===========
 
 Quantization is symmetric per output channel for int8 and asymmetric per group for int4 (as Q4_1: a scale and a
-minimum per 32 weights). The int kernels read bf16 activations (with fp32 ones torch's int8 kernel is ~8x slower).
-On devices other than the CPU the int formats are stored dequantized in bf16 (their kernels are CPU ones here).
+minimum per 32 weights). torch's int kernels read bf16 activations (with fp32 ones its int8 kernel is ~8x slower)
+and round their output to bf16; asyncspade's C int8 kernel keeps decode's activations and outputs in fp32 at the
+same speed (the weights' bytes bound both). On devices other than the CPU the int formats are stored dequantized in
+bf16 (their kernels are CPU ones here).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import WEIGHT_FORMATS as FORMATS
 INT4_GROUP = 32
+GEMV_ROWS = 32          # int8 inputs of at most this many rows (decode) take the C kernel, in fp32
 
 
 class Linear:
@@ -36,6 +41,14 @@ class Linear:
             self._w_t = w
         elif fmt == "bf16":
             self._w = w
+        elif fmt == "int8":
+            self._scale32 = tensors["scale"].float()
+
+    def act_dtype_for(self, rows: int) -> torch.dtype:
+        """The activation dtype for an input of ``rows`` rows (int8: fp32 on the C kernel's decode path)."""
+        if self.fmt == "int8" and rows <= GEMV_ROWS and self.t["w"].device.type == "cpu":
+            return torch.float32
+        return self.act_dtype
 
     @classmethod
     def from_weight(cls, fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -76,12 +89,23 @@ class Linear:
         elif f == "bf16":
             y = F.linear(x, self._w)
         elif f == "int8":
-            y = torch._weight_int8pack_mm(x, self.t["w"], self.t["scale"])
+            if x.dtype == torch.float32:                      # decode: the C kernel, fp32 in and out
+                y = kernels.linear_i8(x, self.t["w"], self._scale32)
+            else:
+                y = torch._weight_int8pack_mm(x, self.t["w"], self.t["scale"])
         else:
             y = torch._weight_int4pack_mm_for_cpu(x, self.t["w"], INT4_GROUP, self.t["scale_zero"])
         if self.bias is not None:
             y += self.bias
         return y
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T`` in fp32 whatever the activations' dtype (the LM head: sampling and log-probabilities read
+        every logit; int8 takes the C kernel for any number of rows)."""
+        if self.fmt == "int8" and self.t["w"].device.type == "cpu":
+            y = kernels.linear_i8(x, self.t["w"], self._scale32)
+            return y if self.bias is None else y + self.bias.float()
+        return self(x.to(self.act_dtype)).float()
 
     def rows(self, lo: int, hi: int) -> "Linear":
         """The projection onto output features ``[lo, hi)`` (e.g. the query part of a fused QKV), sharing storage

@@ -247,7 +247,7 @@ def ridge_forecast(w: torch.Tensor, count: torch.Tensor, order: int, ridge: floa
 
 
 def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32 (logits in full precision)."""
+    """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32, in fp32 arithmetic."""
     m, k = x.shape
     n = w.shape[0]
     if not _use_c(x) or w.device.type != "cpu":

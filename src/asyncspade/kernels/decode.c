@@ -159,6 +159,16 @@ static void NAME(const float *q, const void *K, const void *V, int bf, const run
         __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);                                        \
         for (int j = 0; j < nb; j++)                                                                           \
             if (!run_row(r, j0 + j, D, &rowoff[j])) bad |= (__mmask16)(1u << j);                               \
+        if (r->pos)        /* scattered rows: ask for the next block's K and V now, many misses in flight */   \
+            for (int64_t j = j0 + BLOCK; j < j0 + 2 * BLOCK && j < n; j++) {                                   \
+                int64_t off;                                                                                   \
+                if (!run_row(r, j, D, &off)) continue;                                                         \
+                const char *kp = (const char *)K + off * (bf ? 2 : 4), *vp = (const char *)V + off * (bf ? 2 : 4); \
+                for (int c = 0; c < D * (bf ? 2 : 4); c += 64) {                                               \
+                    _mm_prefetch(kp + c, _MM_HINT_T0);                                                         \
+                    _mm_prefetch(vp + c, _MM_HINT_T0);                                                         \
+                }                                                                                              \
+            }                                                                                                  \
         for (int j = 0; j < BLOCK; j++) {                                                                      \
             if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }            \
             __m512 kr[DV];                                                                                     \
@@ -761,13 +771,17 @@ void ridge_forecast(const float *w, const int64_t *count, int64_t R, int W, int 
 
 /* ------------------------------------------------------------------------------------------------ LM head */
 
-/* out [M, N] fp32 = x [M, K] (fp32 or bf16) . (w [N, K] int8 * scale [N])^T: the LM head in int8 with logits in
- * full precision (torch's int8 kernel rounds its output to the activations' bf16). Rows of w in blocks of 16 over
- * the threads; each block's 16 dot products per x row are reduced together. */
+/* out [M, N] fp32 = x [M, K] (fp32 or bf16) . (w [N, K] int8 * scale [N])^T in fp32 arithmetic: decode's int8
+ * projections (a few rows of activations; torch's int8 kernel wants bf16 activations and rounds its output to bf16,
+ * this one keeps both in fp32 at the same speed: memory-bound) and the LM head's full-precision logits. Rows of w in
+ * blocks of 16 over the threads; each block's 16 dot products per x row are reduced together. */
 void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, float *out, int M, int N, int K,
                int nthreads) {
-    float *xf = malloc(sizeof(float) * (size_t)M * K);
-    for (int m = 0; m < M; m++) load_row(x, x_bf16, (int64_t)m * K, K, xf + (int64_t)m * K);
+    float *xf = (float *)x;                            /* fp32 input: read in place */
+    if (x_bf16) {
+        xf = malloc(sizeof(float) * (size_t)M * K);
+        for (int m = 0; m < M; m++) load_row(x, 1, (int64_t)m * K, K, xf + (int64_t)m * K);
+    }
     int64_t blocks = (N + 15) / 16;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < blocks; blk++) {
@@ -802,7 +816,7 @@ void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, f
             for (int j = 0; j < nb; j++) out[(int64_t)m * N + n0 + j] = res[j] * scale[n0 + j];
         }
     }
-    free(xf);
+    if (x_bf16) free(xf);
 }
 
 /* ------------------------------------------------------------------------------------------------ layer glue */
