@@ -39,9 +39,10 @@ def test_async_selects_like_sync(tiny_llama, method, predictor, prefilter, refin
     cfg = SparseConfig(method=method, budget=48, sink=4, recent=8, dense_layers=1, predictor=predictor,
                        prefilter=prefilter, page_size=8, **refine)
     sync, _ = generate(model, tok, cfg, prompts, 20, "sync")
-    asyn, (steps, late) = generate(model, tok, cfg, prompts, 20, "async")
-    assert asyn == sync
-    assert steps > 0          # selections really came from the worker
+    for selector in ("async", "thread"):
+        asyn, (steps, late) = generate(model, tok, cfg, prompts, 20, selector)
+        assert asyn == sync
+        assert steps > 0          # selections really came from the worker
 
 
 @pytest.mark.slow

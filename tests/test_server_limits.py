@@ -25,7 +25,7 @@ BIG = 9_000_000                        # --max-request-bytes of the module's ser
 
 @pytest.fixture(scope="module")
 def srv():
-    s = Server("--max-batch", "4", "--max-request-bytes", str(BIG))
+    s = Server("--max-batch", "4", "--max-request-bytes", str(BIG), "--selector", "async")   # workers, as on >2 cores
     try:
         s.wait_ready()
         yield s

@@ -26,6 +26,7 @@ from .cli.args import (UserError, add_model_args, add_sparse_args, engine_option
                        methods_from_args, sparse_from_args)
 from .data import PROSE
 from .engine import Engine, kv_store_dtype
+from .config import SparseConfig
 from .kvcache import KVStore
 from .methods import method_class
 from .placement import auto_selector
@@ -115,8 +116,15 @@ def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
     row_bytes = store.kv_heads * store.head_dim * store.k.element_size()
     weights = eng.lean.weight_bytes if eng.lean is not None else sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
-    step_bytes = weights + batch * kv_bytes(cfg, len(rt.sparse_layers), store.num_layers - len(rt.sparse_layers),
-                                            context, row_bytes)
+    sparse_now = rt.cfg.sparse and bool(rt.cfg.sparse_at(context))
+    kv = kv_bytes(rt.cfg if sparse_now else SparseConfig(), len(rt.sparse_layers),
+                  store.num_layers - len(rt.sparse_layers), context, row_bytes)
+    sel_bytes = 0.0
+    if sparse_now:              # what the selection reads per step, in-line and ahead (both on the memory bus)
+        plan = rt.selector.plan if rt.selector is not None else None
+        rows = sum(f + t * context for f, t in rt.method.selection_rows(plan))
+        sel_bytes = batch * len(rt.sparse_layers) * rows * row_bytes
+    step_bytes = weights + batch * kv + sel_bytes
     params = SamplingParams(max_tokens=args.warmup + args.steps + 1, ignore_eos=True)
     for b in range(batch):
         eng.adopt(b, ids[:context], params)
@@ -131,9 +139,11 @@ def time_method(model, tok, store, cfg, ids, context, batch, args) -> dict:
         t0 = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t0)
+    calls = rt.sparse_calls + rt.dense_calls
     row = {"context": context, "batch": batch, "budget": cfg.budget if cfg.sparse else None, "method": cfg.method,
            "times_s": times, "threads": threads, "selector": selector if ahead else None,
            "late_rate": sel.late_rate if sel is not None else 0.0, "bytes": step_bytes, "path": eng.path,
+           "sel_bytes": sel_bytes, "sparse_share": rt.sparse_calls / calls if calls else None,
            "wait_s": (sel.wait_s / max(1, args.steps)) if sel is not None else 0.0}
     eng.close()
     store.lengths.zero_()
@@ -234,7 +244,8 @@ def print_table(result: dict) -> None:
     fmt = result.get("formats", {})
     t = Table(title=f"decode TPOT ({result['machine']['cpu']}, {result['machine']['date']}; "
               f"{fmt.get('weights')} weights, {fmt.get('kv_dtype')} KV)")
-    cols = ["context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound"]
+    cols = ["context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound",
+            "sparse %", "sel MB/step"]
     peer, roof = result.get("peer"), result.get("bandwidth")
     if peer:
         cols.append("vs llama.cpp")
@@ -247,13 +258,14 @@ def print_table(result: dict) -> None:
     for r in ratios(result):
         cells = [str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
                  f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
-                 f(r["vs_bound"])]
+                 f(r["vs_bound"]), "" if r.get("sparse_share") is None else f"{100 * r['sparse_share']:.0f}",
+                 f"{r.get('sel_bytes', 0) / 1e6:.1f}" if r["budget"] else ""]
         if peer:
             cells.append(f(r["vs_peer"]))
         if roof:
             cells += [f"{r['bytes'] / 1e6:.0f}", f"{r['floor_s'] * 1e3:.1f}", f(r["vs_floor"])]
-        cells += [f"{100 * r['late_rate']:.0f}" if r["selector"] in ("async", "dist") else "",
-                  f"{r['wait_s'] * 1e3:.2f}" if r["selector"] in ("async", "dist") else ""]
+        remote = r["selector"] in ("async", "thread", "dist")
+        cells += [f"{100 * r['late_rate']:.0f}" if remote else "", f"{r['wait_s'] * 1e3:.2f}" if remote else ""]
         t.add_row(*cells)
     if peer:
         for c, tp in sorted(peer["tpot_s"].items()):

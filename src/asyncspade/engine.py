@@ -142,7 +142,7 @@ class Engine:
             raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
         # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
-        worker = selector in ("async", "dist") and method.ahead
+        worker = selector in ("async", "thread", "dist") and method.ahead
         self.decode_threads = (decode_threads or max(1, len(os.sched_getaffinity(0)) - 1)) if worker else None
         self.rt = SparseRuntime(model, self.sparse, self.store, selector, on_late, lean=self.lean)
         self.sparse = self.rt.cfg                    # with the cost model's min_sparse filled in

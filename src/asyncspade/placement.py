@@ -23,7 +23,7 @@ from .arch import head_dim
 from .config import DEFAULT_KV_DTYPE, ConfigError
 
 SHM_DIR = "/dev/shm"
-SELECTORS = ("auto", "async", "sync", "dist")
+SELECTORS = ("auto", "async", "sync", "thread", "dist")
 WORKER_CORES = 3                      # usable cores from which auto gives selection a worker process
 _HEADROOM = 1.05, 16 * 2**20          # the worker's own buffers (query windows, results) on top of the store
 
@@ -71,11 +71,11 @@ def has_room(need: int) -> bool:
 
 
 def choose_selector(requested: str | None, need: int, hint: str = "") -> str:
-    """The selector to run: ``requested`` (``None`` or ``auto``: :func:`auto_selector`, the asynchronous worker only if
-    shared memory allows) unless it is ``async`` and ``/dev/shm`` lacks ``need`` bytes: then ``sync`` with one
-    warning line (``auto``), or a :class:`SharedMemoryError` (``requested == "async"``). ``hint`` says what else
+    """The selector to run: ``requested`` unless it is (or ``auto`` resolves to) the asynchronous worker and
+    ``/dev/shm`` lacks ``need`` bytes: then ``sync`` with one warning line (``None``: the worker if it fits; or
+    ``auto``), or a :class:`SharedMemoryError` (``requested == "async"``, asked for by name). ``hint`` says what else
     would shrink the need."""
-    if requested in (None, "auto"):
+    if requested == "auto":
         requested = None if auto_selector() == "async" else "sync"
     if requested not in (None, "async"):
         return requested
@@ -118,13 +118,14 @@ def no_leftovers():
 
 def build_engine(factory, selector: str | None, cfg, need: int, hint: str = ""):
     """``factory(selector)`` -> an engine, with the selector :func:`choose_selector` allows for a store of ``need``
+    (``selector``: a name, ``auto``, or None: the worker if it fits)
     bytes (0: the store exists already, just try); an allocation that fails anyway is retried with ``sync`` (or
     raises :class:`SharedMemoryError` when the asynchronous selector was asked for by name), leaving nothing behind
     in ``/dev/shm``."""
-    if selector in (None, "auto") and auto_selector() == "sync":
-        selector = "sync"
-    if not ahead(cfg) or selector not in (None, "auto", "async"):
-        return factory(selector if selector not in (None, "auto") else "sync")
+    if selector == "auto":
+        selector = None if auto_selector() == "async" else "sync"
+    if not ahead(cfg) or selector not in (None, "async"):
+        return factory(selector or "sync")
     chosen = choose_selector(selector, need, hint) if need else "async"
     try:
         with no_leftovers():

@@ -92,13 +92,14 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--aggregate", default=d.aggregate, choices=["sum", "max"],
                    help=f"GQA: combine per-head softmax scores by sum or max (default {d.aggregate})")
     if selector:
-        g.add_argument("--selector", default="auto", choices=["auto", "async", "sync", "dist"],
+        g.add_argument("--selector", default="auto", choices=["auto", "async", "sync", "thread", "dist"],
                        help="where lastq/asyncspade select: auto (the cache-rank worker when the machine has a core "
                        "for it beyond the decode loop's two, else in-process: BENCHMARKS.md measures why), async "
                        "(the cache-rank worker process over shared memory, off the decode loop's critical path; sync "
                        "with a warning when /dev/shm is too small for the KV store and auto chose it), dist (a cache "
-                       "rank over torch.distributed with its own key copy, for another device or host), or sync "
-                       "(in-process, when each selection becomes possible) (default auto)")
+                       "rank over torch.distributed with its own key copy, for another device or host), thread (a "
+                       "thread of the decode loop's process), or sync (in-process, when each selection becomes "
+                       "possible) (default auto)")
         g.add_argument("--on-late", default="wait", choices=["wait", "reuse"],
                        help="async selection not ready when the layer needs it: wait for it, or reuse the previous "
                        "step's set (default wait)")

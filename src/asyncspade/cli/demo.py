@@ -80,7 +80,7 @@ def run(args) -> int:
     runs = {}
     for name, cfg in (("full", SparseConfig(method="full")), ("asyncspade", sparse)):
         # asyncspade: the engine decodes on cores - 1 threads, the cache-rank worker runs on the last core
-        eng = new_engine(model, tok, cfg, 1, len(ids) + args.new_tokens + 8, None, options=engine_options(args))
+        eng = new_engine(model, tok, cfg, 1, len(ids) + args.new_tokens + 8, "auto", options=engine_options(args))
         try:
             t0 = time.perf_counter()
             seq = eng.add(ids, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))

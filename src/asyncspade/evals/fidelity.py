@@ -125,12 +125,20 @@ class Meter:
         return [(b + 0.5) * self.bin_width for b, _ in cells], [s / n for _, (s, n) in cells]
 
 
+def selected(sel, batch, cfg) -> torch.Tensor:
+    """``[B, KVH, k]`` bool: the entries of a selection the attention takes (valid, and within the positions
+    between the sinks and the recent window, as the attention's limits require)."""
+    idx = sel.idx
+    ok = (idx >= cfg.sink) & (idx < (batch.lengths - cfg.recent).view(-1, 1, 1))
+    return ok if sel.valid is None else ok & sel.valid
+
+
 def attended_mask(sel, batch, cfg, n: int) -> torch.Tensor:
     """``[B, KVH, n]`` bool: the positions a sparse decode step attends (sinks | selection | recent window), every
     cached position for rows whose cache fits in the budget."""
     b, kvh, _ = sel.idx.shape
-    w = torch.ones(sel.idx.shape) if sel.valid is None else sel.valid.float()
-    att = torch.zeros(b, kvh, n).scatter_add_(-1, sel.idx.clamp(max=n - 1), w) > 0
+    w = selected(sel, batch, cfg).float()
+    att = torch.zeros(b, kvh, n).scatter_add_(-1, sel.idx.clamp(0, n - 1), w) > 0
     pos = torch.arange(n)
     lengths = batch.lengths[:, None]
     att |= ((pos < cfg.sink) | ((pos >= lengths - cfg.recent) & (pos < lengths)))[:, None, :]
@@ -164,9 +172,7 @@ class Probe:
         if cfg.method != "oracle":
             oracle = topk_tokens(q, keys, cfg.sink, batch.lengths - cfg.recent, cfg.k_mid, self.rt.scale, cfg.aggregate)
             in_oracle = torch.zeros(b, kvh, n, dtype=torch.bool).scatter_(-1, oracle, True)
-            hit = in_oracle.gather(-1, sel.idx.clamp(max=n - 1))
-            if sel.valid is not None:
-                hit &= sel.valid
+            hit = in_oracle.gather(-1, sel.idx.clamp(0, n - 1)) & selected(sel, batch, cfg)
             self.meter.add("overlap", hit.sum(-1).float().mean(1)[rows] / cfg.k_mid)
         # the query that chose this selection (the in-process selector keeps it per slot)
         forecast = getattr(self.rt.selector, "forecast", None)

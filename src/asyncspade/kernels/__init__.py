@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -137,6 +138,17 @@ def _use_c(*tensors: torch.Tensor) -> bool:
 
 
 _forced_torch = False
+_local = threading.local()
+
+
+def thread_count(n: int | None) -> None:
+    """Threads the C kernels called from this thread use (None: torch's intra-op thread count). A selection thread
+    beside the decode loop runs its kernels on one."""
+    _local.threads = n
+
+
+def _threads() -> int:
+    return getattr(_local, "threads", None) or torch.get_num_threads()
 
 
 @contextlib.contextmanager
@@ -186,7 +198,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
         ib, ih = idx.stride(0), idx.stride(1)
     _lib.attend(_ptr(q), _ptr(k), _ptr(v), _bf(k), sb, sh, _ptr(pre), _ptr(begin), _ptr(end), _ptr(use_idx),
                 _ptr(idx), _ptr(valid), n, ib, ih, lim_lo, _ptr(lim_hi), _ptr(out), _bf(out), b, kvh, g, d, scale,
-                CHUNK, torch.get_num_threads())
+                CHUNK, _threads())
     return out
 
 
@@ -211,7 +223,7 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
         ib = ih = 0
     out = torch.empty(b, kvh, n)
     _lib.score(_ptr(q), _ptr(k), _ptr(kmax), _bf(k), sb, sh, lo, _ptr(hi), _ptr(idx), _ptr(valid), n, ib, ih,
-               _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"), torch.get_num_threads())
+               _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"), _threads())
     return out
 
 
@@ -229,7 +241,7 @@ def topk(scores: torch.Tensor, k: int, idx: torch.Tensor | None = None, lo: int 
         idx = idx.contiguous()
     out = torch.empty(b, kvh, k * expand, dtype=torch.int64)
     _lib.topk(_ptr(scores), n, k, _ptr(idx), idx.stride(0) if idx is not None else 0,
-              idx.stride(1) if idx is not None else 0, lo, expand, _ptr(out), b, kvh, torch.get_num_threads())
+              idx.stride(1) if idx is not None else 0, lo, expand, _ptr(out), b, kvh, _threads())
     return out
 
 
@@ -242,7 +254,7 @@ def ridge_forecast(w: torch.Tensor, count: torch.Tensor, order: int, ridge: floa
     w = w.contiguous()
     cnt = count.view(b, 1).expand(b, h).contiguous()
     out = torch.empty(b, h, d)
-    _lib.ridge_forecast(_ptr(w), _ptr(cnt), b * h, win, d, order, ridge, _ptr(out), torch.get_num_threads())
+    _lib.ridge_forecast(_ptr(w), _ptr(cnt), b * h, win, d, order, ridge, _ptr(out), _threads())
     return out
 
 
@@ -254,7 +266,7 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Te
         return reference.linear_i8(x, w, scale)
     x = x.contiguous()
     out = torch.empty(m, n)
-    _lib.linear_i8(_ptr(x), _bf(x), _ptr(w), _ptr(scale), _ptr(out), m, n, k, torch.get_num_threads())
+    _lib.linear_i8(_ptr(x), _bf(x), _ptr(w), _ptr(scale), _ptr(out), m, n, k, _threads())
     return out
 
 

@@ -30,13 +30,21 @@ class AsyncSpade(SelectionMethod):
     def needs_pages(cls, cfg):
         return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
 
-    def inline_rows(self, plan=None, synchronous=True):
-        """In-line: the refinement's candidates (K only) and the budget's rows; the step-ahead pass too when it runs
-        in the decode loop's thread (page bounds, or every key, once per ``refresh`` steps)."""
+    def selection_rows(self, plan=None):
+        """In-line: the refinement's candidates (keys). Ahead: the step-ahead pass's page bounds (or every key),
+        once per ``refresh`` steps, and the cross-layer pass's keys (its candidates, or every key)."""
         c = self.cfg
-        fixed = 2 * c.budget + (plan.result_width if plan is not None and plan.refine else 0)
-        ahead = (2.0 / c.page_size if c.prefilter == "pages" else 1.0) / (plan.refresh if plan is not None else 1)
-        return fixed, ahead if synchronous else 0.0
+        refresh = plan.refresh if plan is not None else 1
+        inline = (plan.result_width if plan is not None and plan.refine else 0.0, 0.0)
+        temporal = plan is None or plan.temporal
+        scan = (2.0 / c.page_size if c.prefilter == "pages" else 1.0) / refresh if temporal else 0.0
+        rescore = 0.0           # ridge with the page prefilter, unrefined: the pages' tokens scored with the forecast
+        if plan is not None and plan.page_prefilter and not plan.refine and not plan.hybrid:
+            rescore = plan.prefilter_tokens / refresh
+        xlayer = 0.0, 0.0
+        if plan is not None and plan.xlayer:
+            xlayer = (plan.ahead_width, 0.0) if plan.temporal else (0.0, 1.0)
+        return inline, (rescore + xlayer[0], scan + xlayer[1])
 
     def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection:
         return Selection(ctx.selector.get(layer, batch, q), candidates=ctx.selector.plan.refine)

@@ -46,10 +46,20 @@ class SelectionMethod:
     def __init__(self, cfg: SparseConfig):
         self.cfg = cfg
 
+    def selection_rows(self, plan=None) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Rows (a key row, or a page's min or max row: one KV head set of head_dim values each) the selection of one
+        sparse layer reads per sequence and decode step, each as ``(fixed, per cached token)``: ``(in-line,
+        ahead)``. In-line reads sit on the decode loop's critical path; ahead reads are a selector's."""
+        return (0.0, 0.0), (0.0, 0.0)
+
     def inline_rows(self, plan=None, synchronous: bool = True) -> tuple[float, float]:
         """K/V rows one sparse layer's decode step reads per sequence on the critical path, as ``(fixed, per cached
-        token)``: the cost model weighs them against dense attention's ``(0, 2)``. The default: attend the budget."""
-        return 2 * self.cfg.budget, 0.0
+        token)``: attending the budget plus the in-line selection (and the ahead one when it runs in the decode
+        loop's thread). The cost model weighs them against dense attention's ``(0, 2)``."""
+        (i0, i1), (a0, a1) = self.selection_rows(plan)
+        if not synchronous:
+            a0 = a1 = 0.0
+        return 2 * self.cfg.budget + i0 + a0, i1 + a1
 
     def select(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> Selection | None:
         """Called inside a sparse layer's decode attention with the true current query ``q [B, H, D]`` when some

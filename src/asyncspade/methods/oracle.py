@@ -14,5 +14,5 @@ class Oracle(SelectionMethod):
         keys = ctx.store.keys(layer, batch)
         return Selection(topk_tokens(q, keys, c.sink, batch.lengths - c.recent, c.k_mid, ctx.scale, c.aggregate))
 
-    def inline_rows(self, plan=None, synchronous=True):
-        return 2 * self.cfg.budget, 1.0            # every candidate key scored with the current query
+    def selection_rows(self, plan=None):
+        return (0.0, 1.0), (0.0, 0.0)             # every candidate key scored with the current query, in-line

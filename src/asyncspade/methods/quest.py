@@ -24,5 +24,5 @@ class Quest(SelectionMethod):
         return Selection(topk_pages(q, st.pmin[layer, batch.lo:batch.hi], st.pmax[layer, batch.lo:batch.hi],
                                     p_lo, p_hi, c.k_mid // ps, ctx.scale, c.aggregate, expand=ps))
 
-    def inline_rows(self, plan=None, synchronous=True):
-        return 2 * self.cfg.budget, 2.0 / self.cfg.page_size      # every page's min and max scored
+    def selection_rows(self, plan=None):
+        return (0.0, 2.0 / self.cfg.page_size), (0.0, 0.0)       # every page's min and max, in-line
