@@ -33,13 +33,20 @@ def decode_attention(q: torch.Tensor, store: KVStore, layer: int, batch: Batch, 
     k, v = store.k[layer, batch.lo:batch.hi], store.v[layer, batch.lo:batch.hi]
     end = batch.lengths
     if sel is None:
-        begin = torch.zeros_like(end) if window is None else (end - window).clamp(min=0)
+        begin = batch.memo(("window", window), lambda: torch.zeros_like(end) if window is None
+                           else (end - window).clamp(min=0))
         return kernels.attend(qg, k, v, scale, out, begin, end)
-    sparse = cfg.sparse_at(end)
-    pre = torch.where(sparse, cfg.sink, 0)
-    begin = torch.where(sparse, end - cfg.recent, 0)
+    sparse, pre, begin, hi = batch.memo(("sparse", cfg), lambda: sparse_bounds(cfg, end))
     return kernels.attend(qg, k, v, scale, out, begin, end, pre, sel.idx, sel.valid, use_idx=sparse,
-                          lim_lo=cfg.sink, lim_hi=end - cfg.recent)
+                          lim_lo=cfg.sink, lim_hi=hi)
+
+
+def sparse_bounds(cfg: SparseConfig, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row: whether it attends sparsely, its sinks, where its recent window begins, and the end of the
+    positions a selection may take (rows that fit the budget attend everything)."""
+    sparse = cfg.sparse_at(lengths)
+    return (sparse, torch.where(sparse, cfg.sink, 0), torch.where(sparse, lengths - cfg.recent, 0),
+            lengths - cfg.recent)
 
 
 def asyncspade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

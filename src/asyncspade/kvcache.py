@@ -24,6 +24,13 @@ class Batch:
         self.max_len = int(self.lengths.max())
         self.min_len = int(self.lengths.min())
         self.rows = torch.arange(self.hi - self.lo)
+        self._memo: dict = {}
+
+    def memo(self, key, make):
+        """``make()``, computed once per forward: what every layer derives alike from the lengths (index bounds)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def size(self) -> int:

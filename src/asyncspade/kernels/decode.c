@@ -786,34 +786,39 @@ void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, f
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int n0 = (int)(blk * 16), nb = N - n0 < 16 ? N - n0 : 16;
-        for (int m = 0; m < M; m++) {
-            const float *xm = xf + (int64_t)m * K;
-            float res[16];
+        for (int m0 = 0; m0 < M; m0 += 8) {               /* up to 8 activation rows share each weight's conversion */
+            int mm = M - m0 < 8 ? M - m0 : 8;
+            float res[8][16];
 #ifdef __AVX512F__
             if (K % 16 == 0) {
-                __m512 part[16];
+                __m512 part[8][16];
                 for (int j = 0; j < 16; j++) {
-                    __m512 acc = _mm512_setzero_ps();
+                    __m512 acc[8];
+                    for (int m = 0; m < 8; m++) acc[m] = _mm512_setzero_ps();
                     if (j < nb) {
                         const int8_t *wr = w + (int64_t)(n0 + j) * K;
                         for (int k = 0; k < K; k += 16) {
                             __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                 _mm_loadu_si128((const __m128i *)(wr + k))));
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k), wv, acc);
+                            for (int m = 0; m < mm; m++)
+                                acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xf + (int64_t)(m0 + m) * K + k), wv, acc[m]);
                         }
                     }
-                    part[j] = acc;
+                    for (int m = 0; m < mm; m++) part[m][j] = acc[m];
                 }
-                _mm512_storeu_ps(res, hsum16(part));
+                for (int m = 0; m < mm; m++) _mm512_storeu_ps(res[m], hsum16(part[m]));
             } else
 #endif
-            for (int j = 0; j < nb; j++) {
-                const int8_t *wr = w + (int64_t)(n0 + j) * K;
-                float acc = 0.f;
-                for (int k = 0; k < K; k++) acc += xm[k] * (float)wr[k];
-                res[j] = acc;
-            }
-            for (int j = 0; j < nb; j++) out[(int64_t)m * N + n0 + j] = res[j] * scale[n0 + j];
+            for (int m = 0; m < mm; m++)
+                for (int j = 0; j < nb; j++) {
+                    const int8_t *wr = w + (int64_t)(n0 + j) * K;
+                    const float *xm = xf + (int64_t)(m0 + m) * K;
+                    float acc = 0.f;
+                    for (int k = 0; k < K; k++) acc += xm[k] * (float)wr[k];
+                    res[m][j] = acc;
+                }
+            for (int m = 0; m < mm; m++)
+                for (int j = 0; j < nb; j++) out[(int64_t)(m0 + m) * N + n0 + j] = res[m][j] * scale[n0 + j];
         }
     }
     if (x_bf16) free(xf);
