@@ -140,86 +140,9 @@ static inline __m512 exp512(__m512 x, __mmask16 zero) {
 
 #define MAXDV 16
 
-/* The common shapes (G <= 4 query heads per KV head, head dim 64 or 128) with G and D known at compile time: the
- * queries and the output accumulators live in registers, each K/V row is converted from bf16 once. */
-#define DEF_RUN(NAME, GG, DVV)                                                                                  \
-static void NAME(const float *q, const void *K, const void *V, int bf, const run_t *r, float scale, float *m,     \
-                 float *l, float *accp) {                                                                       \
-    int64_t n = r->n;                                                                                          \
-    enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
-    __m512 qv[G][DV], acc[G][DV];                                                                              \
-    for (int g = 0; g < G; g++)                                                                                \
-        for (int v = 0; v < DV; v++) { qv[g][v] = _mm512_loadu_ps(q + g * D + 16 * v);                         \
-                                       acc[g][v] = _mm512_loadu_ps(accp + g * D + 16 * v); }                    \
-    float p[G][BLOCK];                                                                                         \
-    int64_t rowoff[BLOCK];                                                                                     \
-    __m512 part[G][BLOCK];                                                                                     \
-    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                                \
-        int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);                                                       \
-        __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);                                        \
-        for (int j = 0; j < nb; j++)                                                                           \
-            if (!run_row(r, j0 + j, D, &rowoff[j])) bad |= (__mmask16)(1u << j);                               \
-        if (r->pos)        /* scattered rows: ask for the next block's K and V now, many misses in flight */   \
-            for (int64_t j = j0 + BLOCK; j < j0 + 2 * BLOCK && j < n; j++) {                                   \
-                int64_t off;                                                                                   \
-                if (!run_row(r, j, D, &off)) continue;                                                         \
-                const char *kp = (const char *)K + off * (bf ? 2 : 4), *vp = (const char *)V + off * (bf ? 2 : 4); \
-                for (int c = 0; c < D * (bf ? 2 : 4); c += 64) {                                               \
-                    _mm_prefetch(kp + c, _MM_HINT_T0);                                                         \
-                    _mm_prefetch(vp + c, _MM_HINT_T0);                                                         \
-                }                                                                                              \
-            }                                                                                                  \
-        for (int j = 0; j < BLOCK; j++) {                                                                      \
-            if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }            \
-            __m512 kr[DV];                                                                                     \
-            for (int v = 0; v < DV; v++) kr[v] = ld16(K, bf, rowoff[j] + 16 * v);                              \
-            for (int g = 0; g < G; g++) {                                                                      \
-                __m512 t = _mm512_mul_ps(qv[g][0], kr[0]);                                                     \
-                for (int v = 1; v < DV; v++) t = _mm512_fmadd_ps(qv[g][v], kr[v], t);                          \
-                part[g][j] = t;                                                                                \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int g = 0; g < G; g++) {                                                                          \
-            __m512 sg = _mm512_mul_ps(hsum16(part[g]), _mm512_set1_ps(scale));                                 \
-            sg = _mm512_mask_mov_ps(sg, bad, _mm512_set1_ps(-INFINITY));                                       \
-            float mx = _mm512_reduce_max_ps(sg);                                                               \
-            mx = mx > m[g] ? mx : m[g];                                                                        \
-            if (mx == -INFINITY) { _mm512_storeu_ps(p[g], _mm512_setzero_ps()); continue; }                   \
-            __m512 e = exp512(_mm512_sub_ps(sg, _mm512_set1_ps(mx)), bad);                                     \
-            float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);                                           \
-            l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);                                                     \
-            m[g] = mx;                                                                                         \
-            _mm512_storeu_ps(p[g], e);                                                                         \
-            if (alpha != 1.f) {                                                                                \
-                __m512 a = _mm512_set1_ps(alpha);                                                              \
-                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_mul_ps(a, acc[g][v]);                          \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int j = 0; j < nb; j++) {                                                                         \
-            __m512 vr[DV];                                                                                     \
-            for (int v = 0; v < DV; v++) vr[v] = ld16(V, bf, rowoff[j] + 16 * v);                              \
-            for (int g = 0; g < G; g++) {                                                                      \
-                __m512 w = _mm512_set1_ps(p[g][j]);                                                            \
-                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_fmadd_ps(w, vr[v], acc[g][v]);                 \
-            }                                                                                                  \
-        }                                                                                                      \
-    }                                                                                                          \
-    for (int g = 0; g < G; g++)                                                                                \
-        for (int v = 0; v < DV; v++) _mm512_storeu_ps(accp + g * D + 16 * v, acc[g][v]);                      \
-}
-
-DEF_RUN(run_g1_d64, 1, 4)
-DEF_RUN(run_g2_d64, 2, 4)
-DEF_RUN(run_g3_d64, 3, 4)
-DEF_RUN(run_g4_d64, 4, 4)
-DEF_RUN(run_g1_d128, 1, 8)
-DEF_RUN(run_g2_d128, 2, 8)
-DEF_RUN(run_g3_d128, 3, 8)
-DEF_RUN(run_g4_d128, 4, 8)
-
 /* Block dot products with G and D known at compile time (each K row converted once): s[g * BLOCK + j]. */
 #define DEF_DOTS(NAME, GG, DVV)                                                                                 \
-static void NAME(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, float *s) {             \
+static inline __attribute__((always_inline)) void NAME(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, float *s) {             \
     enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
     __m512 qv[G][DV], part[G][BLOCK];                                                                          \
     for (int g = 0; g < G; g++)                                                                                \
@@ -254,6 +177,72 @@ static dots_fn special_dots(int G, int D) {
     if (G < 1 || G > 4) return NULL;
     return D == 64 ? d64[G - 1] : D == 128 ? d128[G - 1] : NULL;
 }
+
+/* The common shapes (G <= 4 query heads per KV head, head dim 64 or 128) with G and D known at compile time: the
+ * queries and the output accumulators live in registers, each K/V row is converted from bf16 once. */
+#define DEF_RUN(NAME, GG, DVV, DOTS)                                                                            \
+static void NAME(const float *q, const void *K, const void *V, int bf, const run_t *r, float scale, float *m,     \
+                 float *l, float *accp) {                                                                       \
+    int64_t n = r->n;                                                                                          \
+    enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
+    __m512 acc[G][DV];                                                                                         \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) acc[g][v] = _mm512_loadu_ps(accp + g * D + 16 * v);                       \
+    float p[G][BLOCK], s[G * BLOCK];                                                                           \
+    int64_t rowoff[BLOCK];                                                                                     \
+    for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {                                                                \
+        int nb = (int)(n - j0 < BLOCK ? n - j0 : BLOCK);                                                       \
+        __mmask16 bad = (__mmask16)(nb < 16 ? ~((1u << nb) - 1u) : 0u);                                        \
+        for (int j = 0; j < nb; j++)                                                                           \
+            if (!run_row(r, j0 + j, D, &rowoff[j])) bad |= (__mmask16)(1u << j);                               \
+        if (r->pos)        /* scattered rows: ask for the next block's K and V now, many misses in flight */   \
+            for (int64_t j = j0 + BLOCK; j < j0 + 2 * BLOCK && j < n; j++) {                                   \
+                int64_t off;                                                                                   \
+                if (!run_row(r, j, D, &off)) continue;                                                         \
+                const char *kp = (const char *)K + off * (bf ? 2 : 4), *vp = (const char *)V + off * (bf ? 2 : 4); \
+                for (int c = 0; c < D * (bf ? 2 : 4); c += 64) {                                               \
+                    _mm_prefetch(kp + c, _MM_HINT_T0);                                                         \
+                    _mm_prefetch(vp + c, _MM_HINT_T0);                                                         \
+                }                                                                                              \
+            }                                                                                                  \
+        DOTS(q, K, bf, rowoff, nb, s);                                                                         \
+        for (int g = 0; g < G; g++) {                                                                          \
+            __m512 sg = _mm512_mul_ps(_mm512_loadu_ps(s + g * BLOCK), _mm512_set1_ps(scale));                  \
+            sg = _mm512_mask_mov_ps(sg, bad, _mm512_set1_ps(-INFINITY));                                       \
+            float mx = _mm512_reduce_max_ps(sg);                                                               \
+            mx = mx > m[g] ? mx : m[g];                                                                        \
+            if (mx == -INFINITY) { _mm512_storeu_ps(p[g], _mm512_setzero_ps()); continue; }                   \
+            __m512 e = exp512(_mm512_sub_ps(sg, _mm512_set1_ps(mx)), bad);                                     \
+            float alpha = m[g] == -INFINITY ? 0.f : expf(m[g] - mx);                                           \
+            l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);                                                     \
+            m[g] = mx;                                                                                         \
+            _mm512_storeu_ps(p[g], e);                                                                         \
+            if (alpha != 1.f) {                                                                                \
+                __m512 a = _mm512_set1_ps(alpha);                                                              \
+                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_mul_ps(a, acc[g][v]);                          \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int j = 0; j < nb; j++) {                                                                         \
+            __m512 vr[DV];                                                                                     \
+            for (int v = 0; v < DV; v++) vr[v] = ld16(V, bf, rowoff[j] + 16 * v);                              \
+            for (int g = 0; g < G; g++) {                                                                      \
+                __m512 w = _mm512_set1_ps(p[g][j]);                                                            \
+                for (int v = 0; v < DV; v++) acc[g][v] = _mm512_fmadd_ps(w, vr[v], acc[g][v]);                 \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) _mm512_storeu_ps(accp + g * D + 16 * v, acc[g][v]);                      \
+}
+
+DEF_RUN(run_g1_d64, 1, 4, dots_g1_d64)
+DEF_RUN(run_g2_d64, 2, 4, dots_g2_d64)
+DEF_RUN(run_g3_d64, 3, 4, dots_g3_d64)
+DEF_RUN(run_g4_d64, 4, 4, dots_g4_d64)
+DEF_RUN(run_g1_d128, 1, 8, dots_g1_d128)
+DEF_RUN(run_g2_d128, 2, 8, dots_g2_d128)
+DEF_RUN(run_g3_d128, 3, 8, dots_g3_d128)
+DEF_RUN(run_g4_d128, 4, 8, dots_g4_d128)
 
 typedef void (*run_fn)(const float *, const void *, const void *, int, const run_t *, float, float *, float *,
                        float *);
