@@ -111,7 +111,9 @@ def test_budget_beyond_cache_counts_no_step(tiny_llama):
 def test_small_budget_oracle_covers_more_than_streaming(tiny_llama):
     model, tok = tiny_llama
     ws = windows([110, 90, 100], prefill=24, seed=1)
-    res, meters = compare(model, tok, ws, configs(40), batch=2, bin_width=32, progress=False)
+    # fewer candidates than the cache holds: the refined selection is not the oracle's by construction
+    res, meters = compare(model, tok, ws, configs(40, superset=2, min_candidates=0), batch=2, bin_width=32,
+                          progress=False)
     o, s = res["oracle@40"], res["streaming@40"]
     assert all(r["steps"] == sum(len(w.ids) - 40 for w in ws) for r in res.values())
     assert 0 < s["attn_recall"] < o["attn_recall"] < 1

@@ -172,7 +172,7 @@ def test_ahead_selection_ignores_current_query(tiny_llama, predictor):
     model, tok = tiny_llama
     for method in ("lastq", "asyncspade"):
         eng = Engine(model, tok, SparseConfig(method=method, budget=32, sink=4, recent=8, dense_layers=1,
-                                              predictor=predictor), max_batch=1, max_tokens=256)
+                                              predictor=predictor, refine=False), max_batch=1, max_tokens=256)
         seen = []
 
         def probe(layer, q, batch, sel, eng=eng):
@@ -207,6 +207,19 @@ def test_oracle_does_use_current_query(tiny_llama):
 def test_config_rejects_bad_settings(bad):
     with pytest.raises(ConfigError):
         SparseConfig(**bad).validate()
+
+
+def test_step_ahead_settings_bind_only_the_methods_that_select_ahead():
+    """The page prefilter and the refresh period belong to lastq / asyncspade: a small oracle budget, or a short
+    recent window under streaming, must not be refused for settings those methods never use."""
+    for method in ("oracle", "streaming", "quest"):
+        SparseConfig(method=method, budget=32, page_size=8, recent=2).validate()
+    for method in ("asyncspade", "lastq"):
+        SparseConfig(method=method, budget=32, page_size=16).validate()        # refine: candidates are whole pages
+        with pytest.raises(ConfigError, match="page prefilter"):
+            SparseConfig(method=method, budget=32, page_size=16, refine=False).validate()
+        with pytest.raises(ConfigError, match="refresh"):
+            SparseConfig(method=method, budget=64, recent=2).validate()
 
 
 def test_full_attention_has_no_budget():
@@ -244,7 +257,7 @@ def test_page_prefilter_on_a_store_smaller_than_the_superset(predictor):
     for s in range(2):
         store.rebuild_pages(0, s, 0, n)
     cfg = SparseConfig(method="asyncspade", budget=32, sink=4, recent=4, dense_layers=0, predictor=predictor,
-                       superset=5, page_size=8, prefilter="pages")
+                       superset=5, page_size=8, prefilter="pages", refine=False)
     sel = SyncSelector(cfg, store, 4, [0], 1.0)
     sel.on_query(0, torch.randn(2, 4, 1, 8), Batch(0, 2, torch.tensor([n - 1, n - 1]), 1))
     ahead = sel.ahead[:, 0]
@@ -321,8 +334,9 @@ def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):
     from asyncspade.sampling import SamplingParams
     model, tok = tiny_llama
     prompts = [list(range(200, 320))]
-    base = dict(method="asyncspade", budget=32, sink=4, recent=8, dense_layers=1, predictor="ridge", superset=2)
-    plain = _greedy(model, tok, SparseConfig(**base), prompts)[1]
+    base = dict(method="asyncspade", budget=32, sink=4, recent=8, dense_layers=1, predictor="ridge", superset=2,
+                min_candidates=0, refresh=1)
+    plain = _greedy(model, tok, SparseConfig(**base, refine=False), prompts)[1]
     refined = _greedy(model, tok, SparseConfig(**base, refine=True), prompts)[1]
     assert not torch.allclose(plain, refined)
     eng = Engine(model, tok, SparseConfig(**base, refine=True), max_batch=1, max_tokens=256)

@@ -82,12 +82,14 @@ def prose_ids(tok, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int, options: dict) -> list[int]:
-    """Dense prefill of ``fill`` real tokens into slot 0, tiled to ``length`` and copied to ``slots`` slots."""
+def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int,
+               options: dict) -> tuple[list[int], float]:
+    """Dense prefill of ``fill`` real tokens into slot 0, tiled to ``length`` and copied to ``slots`` slots.
+    Returns the ids and the prefill's time to first token (seconds: the prefill and one sampled token)."""
     ids = prose_ids(tok, length)
     fill = min(fill, length)
     eng = Engine(model, tok, max_batch=store.slots, max_tokens=store.max_tokens, store=store, **options)
-    eng.run([eng.add(ids[:fill], SamplingParams(max_tokens=1, ignore_eos=True))])
+    [seq] = eng.run([eng.add(ids[:fill], SamplingParams(max_tokens=1, ignore_eos=True))])
     eng.close()
     for kv in (store.k, store.v):
         for start in range(fill, length, fill):
@@ -98,7 +100,7 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int, o
         for layer in range(store.num_layers):
             for s in range(slots):
                 store.rebuild_pages(layer, s, 0, length)
-    return ids
+    return ids, seq.ttft_s
 
 
 def resolved_selector(args) -> str:
@@ -176,7 +178,10 @@ def run_sweep(args) -> dict:
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "
           f"({store.k.numel() * store.k.element_size() * 2 / 2**30:.1f} GiB)...", file=sys.stderr)
     torch.set_num_threads(args.threads)
-    ids = fill_store(model, tok, store, args.fill, max(contexts), max(batches), engine_options(args))
+    ids, prefill_s = fill_store(model, tok, store, args.fill, max(contexts), max(batches), engine_options(args))
+    fill = min(args.fill, max(contexts))
+    print(f"[asyncspade] prefill of {fill} tokens: {prefill_s:.2f} s ({fill / prefill_s:.0f} tokens/s, "
+          f"{args.threads} threads)", file=sys.stderr)
     rows = {}
     total = len(contexts) * len(batches) * len(cfgs) * args.rounds
     with tqdm(total=total, desc="bench", file=sys.stderr) as bar:
@@ -204,6 +209,7 @@ def run_sweep(args) -> dict:
             r["floor_s"] = r["bytes"] / max(bandwidth.values())      # the bus, whichever cores read it
     peer = read_peer(args.peer) if args.peer else None
     return {"rows": out, "machine": machine(), "cache": fill_note, "bandwidth": bandwidth, "peer": peer,
+            "prefill": {"tokens": fill, "seconds": prefill_s},
             "formats": {"weights": args.weights, "kv_dtype": args.kv_dtype},
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
@@ -272,6 +278,13 @@ def print_table(result: dict) -> None:
             t.add_row(str(c), "1", "-", peer["name"], f"{tp * 1e3:.1f}", f"{1 / tp:.1f}", *[""] * (len(cols) - 6))
     Console(file=sys.stdout, width=200).print(t)
     print(f"cache: {result['cache']}")
+    pf = result.get("prefill")
+    if pf:
+        line = f"prefill: {pf['tokens']} tokens in {pf['seconds']:.2f} s ({pf['tokens'] / pf['seconds']:.0f} tokens/s)"
+        peer_tok_s = (peer or {}).get("prefill_tok_s", {}).get(pf["tokens"])
+        if peer_tok_s:
+            line += f"; {peer['name']}: {peer_tok_s:.0f} tokens/s ({pf['tokens'] / pf['seconds'] / peer_tok_s:.2f}x)"
+        print(line)
     if roof:
         print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw / 1e9:.1f} GB/s" for t, bw in roof.items())
               + "; floor = the step's bytes (weights + KV read + selection) / the larger of the two")

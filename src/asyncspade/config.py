@@ -32,19 +32,20 @@ class SparseConfig:
     sink: int = 4               # first tokens always attended
     recent: int = 16            # newest tokens always attended (covers the tokens a step-ahead selection cannot see)
     dense_layers: int = 2       # the first layers stay dense
-    predictor: str = "hybrid"   # asyncspade's query forecaster: ridge (paper), xlayer, hybrid
+    predictor: str = "ridge"    # asyncspade's query forecaster: ridge (the paper's), xlayer, hybrid
     lead: int = 1               # xlayer/hybrid: forecast layer l from the residual entering layer l-lead
     window: int = 16            # ridge: sliding window of recent queries
     order: int = 4              # ridge: AR order p
     ridge: float = 1e-2         # ridge: regulariser, relative to the mean diagonal of X^T X
     ridge_kind: str = "ar"      # ar (scalar lags, the paper's reconstruction), mean, linear (2q_t - q_{t-1}), last
-    superset: int = 4           # hybrid: the step-ahead temporal pass keeps superset * k candidates
-    prefilter: str = "none"     # step-ahead pass: score every key (none) or pre-select pages by the Quest bound
-                                # with the forecast query, then score tokens only inside them (pages)
+    superset: int = 4           # refine/hybrid: the ahead pass keeps superset * k candidates ...
+    min_candidates: int = 2048  # ... and with refine at least this many (small budgets need more than 4k)
+    prefilter: str = "pages"    # step-ahead pass: rank pages by the Quest bound of the forecast query and keep their
+                                # tokens (pages: an eighth of the key bytes), or score every key (none)
     aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
-    refine: bool = False        # ridge/xlayer: the ahead pass proposes superset * k candidates and the layer's true
-                                # query picks the exact top-k among them in-line
-    refresh: int = 1            # with refine: the step-ahead pass runs every `refresh` steps (<= recent); tokens
+    refine: bool = True         # ridge/xlayer: the ahead pass proposes candidates and the layer's true query picks
+                                # the exact top-k among them in-line (hybrid refines with its cross-layer forecast)
+    refresh: int = 4            # with refine: the step-ahead pass runs every `refresh` steps (<= recent); tokens
                                 # newer than the candidates are kept as candidates of their own
     min_sparse: int | None = None   # caches up to this length decode densely; None: measured by the cost model
                                     # (costmodel.py) when the runtime starts, 0: sparse from the budget on
@@ -92,18 +93,18 @@ class SparseConfig:
             raise ConfigError("ridge needs window >= 2 and 1 <= order < window")
         if self.ridge < 0:
             raise ConfigError("ridge must be >= 0")
-        if self.superset < 1:
-            raise ConfigError("superset must be >= 1")
+        if self.superset < 1 or self.min_candidates < 0:
+            raise ConfigError("superset must be >= 1 and min_candidates >= 0")
         if self.prefilter not in ("none", "pages"):
             raise ConfigError("prefilter must be 'none' or 'pages'")
-        if self.refine and self.predictor == "hybrid":
-            raise ConfigError("refine needs predictor ridge or xlayer (hybrid already refines with the cross-layer "
-                              "forecast)")
         if self.min_sparse is not None and self.min_sparse < 0:
             raise ConfigError(f"min_sparse must be >= 0 (or None: measured), got {self.min_sparse}")
-        if not 1 <= self.refresh <= self.recent or (self.refresh > 1 and not self.refine):
-            raise ConfigError(f"refresh must be within 1..recent ({self.recent}), and above 1 only with refine")
-        if sparse and self.prefilter == "pages" and self.k_mid < self.page_size:
+        ahead = self.method in ("asyncspade", "lastq")     # the settings of the step-ahead pass concern them only
+        if ahead and not 1 <= self.refresh <= self.recent:
+            raise ConfigError(f"refresh must be within 1..recent ({self.recent})")
+        # the pass keeps whole pages: only a final top-k taken from them (no refine, no hybrid) needs k >= a page
+        final_from_pages = ahead and self.prefilter == "pages" and not self.refine and self.predictor != "hybrid"
+        if final_from_pages and self.k_mid < self.page_size:
             raise ConfigError(f"the page prefilter needs budget - sink - recent >= page size ({self.page_size})")
         return self
 

@@ -77,13 +77,17 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--ridge-kind", default=d.ridge_kind, choices=RIDGE_KINDS,
                    help=f"ridge: forecaster variant (default {d.ridge_kind})")
     g.add_argument("--superset", type=int, default=d.superset,
-                   help=f"hybrid: candidates kept by the step-ahead pass, in multiples of k (default {d.superset})")
+                   help="refine/hybrid: candidates kept by the ahead pass, in multiples of k "
+                   f"(default {d.superset})")
     g.add_argument("--prefilter", default=d.prefilter, choices=["none", "pages"],
                    help="asyncspade/lastq step-ahead pass: score every key (none), or rank pages by their min/max "
                    f"bound with the forecast query and score tokens only inside the best ones (default {d.prefilter})")
+    g.add_argument("--min-candidates", type=int, default=d.min_candidates,
+                   help=f"with --refine: at least this many candidates (default {d.min_candidates})")
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
-                   help="asyncspade/lastq: the ahead pass proposes --superset x k candidates and the layer's true "
-                   f"query picks the exact top-k among them in-line (default {'on' if d.refine else 'off'})")
+                   help="asyncspade/lastq: the ahead pass proposes max(--superset x k, --min-candidates) candidates "
+                   "and the layer's true query picks the exact top-k among them in-line (--no-refine: the ahead "
+                   f"selection is final, as in the paper) (default {'on' if d.refine else 'off'})")
     g.add_argument("--refresh", type=int, default=d.refresh,
                    help=f"with --refine: run the step-ahead pass every N steps, N <= --recent (default {d.refresh})")
     g.add_argument("--min-sparse", type=int, default=d.min_sparse, metavar="N",
@@ -121,7 +125,8 @@ def sparse_from_args(args, method: str | None = None) -> SparseConfig:
                        sink=args.sink, recent=args.recent, dense_layers=args.dense_layers, predictor=args.predictor,
                        lead=args.lead, window=args.window, order=args.order, ridge=args.ridge,
                        ridge_kind=args.ridge_kind, superset=args.superset, aggregate=args.aggregate,
-                       prefilter=args.prefilter, refine=args.refine, refresh=args.refresh, min_sparse=args.min_sparse)
+                       prefilter=args.prefilter, refine=args.refine, refresh=args.refresh, min_sparse=args.min_sparse,
+                       min_candidates=args.min_candidates)
     return cfg.validate()
 
 

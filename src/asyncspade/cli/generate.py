@@ -13,7 +13,7 @@ import sys
 from ..config import SparseConfig
 from ..sampling import SamplingParams
 from .args import UserError, add_model_args, add_model_len_arg, add_sparse_args, check_model_len, engine_options, \
-    load, sparse_from_args, utf8_text
+    load, say, sparse_from_args, utf8_text
 
 FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
          "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "stop": "--stop"}
@@ -95,6 +95,7 @@ def run(args) -> int:
 
     engine = new_engine(model, tokenizer, cfg, 1, args.max_model_len, args.selector, args.on_late,
                         engine_options(args))
+    say(engine.path_note)
     try:
         seq = engine.add(encode_prompt(tokenizer, prompt, chat=not args.no_chat), params)
         if args.json:

@@ -54,11 +54,15 @@ class SelectionPlan:
         xlayer = cfg.predictor in ("xlayer", "hybrid")
         hybrid = temporal and xlayer
         pages = cfg.prefilter == "pages"
-        superset = hybrid or cfg.refine         # the ahead pass keeps superset * k candidates, not the final k
-        width = min(cfg.superset * cfg.k_mid if superset else cfg.k_mid, max_tokens - cfg.sink)
+        refine = cfg.refine and not hybrid      # hybrid refines with the cross-layer forecast instead
+        superset = hybrid or refine             # the ahead pass keeps superset * k candidates, not the final k
+        width = cfg.superset * cfg.k_mid if superset else cfg.k_mid
+        if refine:
+            width = max(width, cfg.min_candidates)
+        width = min(width, max_tokens - cfg.sink)
         if pages and superset:
             width = max(cfg.page_size, width - width % cfg.page_size)          # whole pages
         # the prefilter's pages are the candidates (a superset), or hold superset * k tokens to rank (ridge)
         tokens = (width if superset else max(width, cfg.superset * cfg.k_mid)) if pages else 0
-        refresh = cfg.refresh if cfg.refine else 1
-        return cls(cfg, temporal, xlayer, pages, width + refresh - 1, tokens, cfg.refine, refresh)
+        refresh = cfg.refresh if refine else 1          # without refine the step-ahead pass is the selection
+        return cls(cfg, temporal, xlayer, pages, width + refresh - 1, tokens, refine, refresh)

@@ -28,6 +28,8 @@ class _DrainingServer(uvicorn.Server):
 def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     state = app.state.server
     host, port = sock.getsockname()[:2]
+    engines = state.engines
+    print(f"[asyncspade] {engines.engines[engines.default].path_note}", flush=True)
     print(f"[asyncspade] serving {state.name!r} on http://{host}:{port}/v1", flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=state.shutdown_timeout + _MARGIN_S)
     _DrainingServer(config, state).run(sockets=[sock])
