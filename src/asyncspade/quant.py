@@ -6,7 +6,7 @@ format   stored                                         kernel                  
 fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``                                        fp32
 bf16     ``W [N, K]`` bf16                              ``F.linear``                                       bf16
 int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 3 rows): ``kernels.linear_i8``;         fp32 / bf16
-                                                        prefill: ``torch._weight_int8pack_mm``
+                                                        more rows: ``torch._weight_int8pack_mm``
 int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``              bf16
          (32 columns) scale and zero
 =======  =============================================  =================================================  ===========
