@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every measurement BENCHMARKS.md reports, in the order it reports them, on an idle machine (nothing else running:
 # two cores are easily shared into meaningless timings). Results and logs go to results/ (not committed).
-# Usage: scripts/benchmarks.sh [SECTION ...]   sections: peer bench batched selectors formats load demo (default all)
+# Usage: scripts/benchmarks.sh [SECTION ...]   sections: peer bench batched before selectors formats load demo
+#                                               (default all)
 # The llama.cpp peer needs its scratch venv (built on first use by scripts/peer_llamacpp.py, ~7-10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p results
 want() { [ $# -eq 0 ] || [[ " ${SECTIONS} " == *" $1 "* ]]; }
-SECTIONS="${*:-peer bench batched selectors formats load demo}"
+SECTIONS="${*:-peer bench batched before selectors formats load demo}"
 log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
 
 if want peer; then
@@ -18,14 +19,24 @@ fi
 if want bench; then
   log "methods side by side, batch 1, with the byte floor and llama.cpp"
   $PY -m asyncspade bench --roofline --peer results/peer_llamacpp.json --contexts 4096,32768 --batches 1 \
-      --budgets 1024 --methods full,quest,oracle,lastq,asyncspade --fill 4096 --steps 16 --rounds 2 \
+      --budgets 1024 --methods full,bound,quest,oracle,lastq,asyncspade --fill 4096 --steps 16 --rounds 2 \
       --json results/bench_batch1.json --plot results/bench_batch1.png | tee results/bench_batch1.txt
 fi
 if want batched; then
   log "every context, batch 1/4/8"
   $PY -m asyncspade bench --roofline --contexts 4096,8192,16384,32768 --batches 1,4,8 --budgets 1024 \
-      --methods full,quest,asyncspade --steps 8 --rounds 2 \
+      --methods full,bound,quest,asyncspade --steps 8 --rounds 2 \
       --json results/bench_batched.json --plot results/bench_batched.png | tee results/bench_batched.txt
+fi
+if want before; then
+  log "the engine before the lean forward (commit 8a68590, its defaults), for the before/after ratios"
+  OLD=${TMPDIR:-/tmp}/asyncspade-8a68590
+  [ -d "$OLD" ] || git worktree add --detach "$OLD" 8a68590 >&2
+  PYTHONPATH="$OLD/src" $PY -m asyncspade bench --contexts 4096,32768 --batch 1 --budgets 1024 \
+      --methods full,quest,asyncspade --steps 8 --rounds 2 --json results/bench_before_batch1.json \
+      | tee results/bench_before_batch1.txt
+  PYTHONPATH="$OLD/src" $PY -m asyncspade bench --contexts 4096 --batch 8 --budgets 1024 --methods full \
+      --steps 8 --rounds 2 --json results/bench_before_batch8.json | tee results/bench_before_batch8.txt
 fi
 if want selectors; then
   log "where the selection runs: in-process, thread, worker process"
