@@ -17,15 +17,15 @@ if want peer; then
   $PY scripts/peer_llamacpp.py --contexts 4096,32768 --json results/peer_llamacpp.json | tee results/peer_llamacpp.txt
 fi
 if want bench; then
-  log "methods side by side, batch 1, with the byte floor and llama.cpp"
+  log "methods side by side (and the zero-cost bound, added by bench), batch 1, with the byte floor and llama.cpp"
   $PY -m asyncspade bench --roofline --peer results/peer_llamacpp.json --contexts 4096,32768 --batches 1 \
-      --budgets 1024 --methods full,bound,quest,oracle,lastq,asyncspade --fill 4096 --steps 16 --rounds 2 \
+      --budgets 1024 --methods full,quest,oracle,lastq,asyncspade --fill 4096 --steps 16 --rounds 2 \
       --json results/bench_batch1.json --plot results/bench_batch1.png | tee results/bench_batch1.txt
 fi
 if want batched; then
   log "every context, batch 1/4/8"
   $PY -m asyncspade bench --roofline --contexts 4096,8192,16384,32768 --batches 1,4,8 --budgets 1024 \
-      --methods full,bound,quest,asyncspade --steps 8 --rounds 2 \
+      --methods full,quest,asyncspade --steps 8 --rounds 2 \
       --json results/bench_batched.json --plot results/bench_batched.png | tee results/bench_batched.txt
 fi
 if want before; then
