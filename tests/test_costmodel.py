@@ -24,6 +24,19 @@ def test_threshold_solves_dense_equals_sparse():
     assert n == 4476
 
 
+def test_scattered_rows_cost_more_and_move_the_threshold_out():
+    """Rows read at random (candidate pages, selected tokens) cost more per byte than dense streaming: at 4x the
+    time per byte the same rows pay only from a longer cache, and a sparse path reading half of dense's rows at
+    random never pays."""
+    slow = CostModel(call_dense=10e-6, call_sparse=60e-6, byte=1 / 33e9, gather=4 / 33e9)
+    rows = (2 * 1024 + 2048, 2 / 16)
+    n = slow.threshold(rows, ROW, 1024)
+    assert slow.dense(n, ROW) <= slow.sparse(n, rows, ROW) <= slow.dense(n + 1, ROW) * 1.001
+    # by hand: (50 us / (384 B / 33 GB/s) + 4 x 4096 rows) / (2 - 4/8) = (4297 + 16384) / 1.5 = 13787 tokens
+    assert n == 13787 and n > MODEL.threshold(rows, ROW, 1024)
+    assert slow.threshold((0, 0.5), ROW, 1024) > 10 ** 15
+
+
 def test_threshold_never_below_the_budget_and_never_when_sparse_reads_more():
     assert MODEL.threshold((10, 0), ROW, 4096) == 4096         # tiny fixed cost: the budget still rules
     assert MODEL.threshold((2048, 2.0), ROW, 1024) > 10 ** 15  # reads at least every row: never pays

@@ -3,11 +3,14 @@
 Per sequence and layer, dense attention reads its whole cache; sparse attention reads what the selection touches
 in-line (the candidates it re-ranks, the rows it attends) and pays a fixed cost for its extra kernel calls:
 
-    dense(n)  = call_dense  + byte * 2 * n * row
-    sparse(n) = call_sparse + byte * (fixed + per_token * n) * row
+    dense(n)  = call_dense  + byte   * 2 * n * row
+    sparse(n) = call_sparse + gather * (fixed + per_token * n) * row
 
-(``row``: one token's K or V row over the KV heads, in bytes). Both constants and the time per byte are measured
-by timing the kernels themselves on synthetic data the size of the store's rows. Sparse pays from the smallest
+(``row``: one token's K or V row over the KV heads, in bytes). Dense streams its rows; the sparse path reads
+scattered ones (candidate pages, selected tokens), which cost several times more per byte (measured on an AMD EPYC
+VM: 42 GB/s streaming, 8-13 GB/s for 16-token pages at random from memory). All constants are measured by timing
+the kernels themselves on synthetic data the size of the store's rows, the scattered reads from a buffer larger
+than the caches. Sparse pays from the smallest
 cache length at which it is cheaper; below it the runtime decodes those rows densely. The engine reports how many
 layer steps ran each way.
 """
@@ -26,22 +29,28 @@ from . import kernels
 class CostModel:
     call_dense: float       # s: fixed cost of one dense attention call
     call_sparse: float      # s: fixed cost of the sparse path (scoring, top-k and attention calls)
-    byte: float             # s per byte read
+    byte: float             # s per byte streamed (dense attention)
+    gather: float | None = None     # s per byte of scattered rows (the sparse path); None: as streamed
 
     def dense(self, n: int, row: int) -> float:
         return self.call_dense + self.byte * 2 * n * row
 
     def sparse(self, n: int, rows: tuple[float, float], row: int) -> float:
         """``rows = (fixed, per_token)``: the sparse path reads ``fixed + per_token * n`` rows in-line."""
-        return self.call_sparse + self.byte * (rows[0] + rows[1] * n) * row
+        return self.call_sparse + self._gather * (rows[0] + rows[1] * n) * row
+
+    @property
+    def _gather(self) -> float:
+        return self.byte if self.gather is None else self.gather
 
     def threshold(self, rows: tuple[float, float], row: int, budget: int) -> int:
         """The shortest cache (>= ``budget``) from which sparse is cheaper than dense; caches up to it stay dense.
         ``rows``: the K/V rows the sparse path reads in-line per (sequence, layer), ``(fixed, per cached token)``."""
         fixed, per_token = rows
-        if per_token >= 2:                      # reads at least what dense reads: never pays
+        slope = self.byte * 2 - self._gather * per_token      # what each cached token saves, per byte of a row
+        if slope <= 0:                          # reads at least what dense reads: never pays
             return 1 << 62
-        n = (self.call_sparse - self.call_dense + self.byte * fixed * row) / (self.byte * row * (2 - per_token))
+        n = (self.call_sparse - self.call_dense + self._gather * fixed * row) / (slope * row)
         return max(budget, int(n))
 
 
@@ -56,9 +65,15 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def plausible(m: CostModel) -> bool:
     """A measurement another process did not spoil: 1-2000 GB/s, calls under a few milliseconds."""
-    return 5e-13 < m.byte < 1e-9 and m.call_dense < 2e-3 and m.call_sparse < 5e-3
+    return 5e-13 < m.byte <= m._gather < 1e-9 and m.call_dense < 2e-3 and m.call_sparse < 5e-3
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,15 +106,30 @@ def _measure(kv_heads: int, group: int, head_dim: int, dtype: torch.dtype) -> Co
         row = kv_heads * head_dim * k.element_size()
         byte = max(t_hi - t_lo, 1e-9) / (2 * (hi - lo) * row)
         call_dense = max(t_lo - byte * 2 * lo * row, 0.0)
-        cand = torch.arange(0, 2048, 2).expand(1, kv_heads, -1).contiguous()
-        end = torch.tensor([hi])
+        # the sparse path at two candidate counts, each call on fresh 16-token pages of a buffer larger than the
+        # caches (as the rows of a 30-layer store are): its time per scattered byte and its fixed cost
+        big = 1 << 16
+        kb = torch.ones(1, kv_heads, big, head_dim, dtype=dtype)
+        vb = torch.ones(1, kv_heads, big, head_dim, dtype=dtype)
+        end = torch.tensor([big])
+        gen = torch.Generator().manual_seed(0)
 
-        def sparse():
-            s = kernels.score(q, k, 1.0, lo=4, hi=end - 16, idx=cand)
-            idx = kernels.topk(s, 256, idx=cand)
-            kernels.attend(q, k, v, 1.0, out, end - 16, end, torch.tensor([4]), idx, lim_lo=4, lim_hi=end - 16)
-        rows = cand.shape[-1] + 2 * (256 + 20)
-        call_sparse = max(_best(sparse, 9) - byte * rows * row, 0.0)
-        return CostModel(call_dense, call_sparse, byte)
+        def sparse(m):
+            pages = torch.randperm(big // 16 - 2, generator=gen)[:m // 16].sort().values + 1
+            cand = (pages[:, None] * 16 + torch.arange(16)).flatten().expand(1, kv_heads, -1).contiguous()
+
+            def run():
+                s = kernels.score(q, kb, 1.0, lo=4, hi=end - 16, idx=cand)
+                idx = kernels.topk(s, 256, idx=cand)
+                kernels.attend(q, kb, vb, 1.0, out, end - 16, end, torch.tensor([4]), idx, lim_lo=4, lim_hi=end - 16)
+            return run
+        def cold(m):                            # one timed call per fresh set: a repeat would find them cached
+            sparse(m)()
+            return min(_timed(sparse(m)) for _ in range(7))
+        m_lo, m_hi = 512, 4096
+        t_lo, t_hi = cold(m_lo), cold(m_hi)
+        gather = max(t_hi - t_lo, 1e-9) / ((m_hi - m_lo) * row)
+        call_sparse = max(t_lo - gather * (m_lo + 2 * (256 + 20)) * row, 0.0)
+        return CostModel(call_dense, call_sparse, byte, max(gather, byte))
     finally:
         torch.set_num_threads(prev)

@@ -5,7 +5,7 @@ format   stored                                         kernel                  
 =======  =============================================  =================================================  ===========
 fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``                                        fp32
 bf16     ``W [N, K]`` bf16                              ``F.linear``                                       bf16
-int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 3 rows): ``kernels.linear_i8``;         fp32 / bf16
+int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 32 rows): ``kernels.linear_i8``;        fp32 / bf16
                                                         more rows: ``torch._weight_int8pack_mm``
 int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``              bf16
          (32 columns) scale and zero
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from . import kernels
 from .config import WEIGHT_FORMATS as FORMATS
 INT4_GROUP = 32
-GEMV_ROWS = 3           # int8 inputs of at most this many rows take the C kernel, in fp32: it streams the weights
-                        # at bandwidth, but its fp32 FMAs are compute-bound from 4 rows on, where torch's bf16 kernel
-                        # wins (measured, AMD EPYC, all projections: 1 row 3.9 vs 4.9 ms, 3: 4.9 vs 5.2, 4: 6.0 vs
-                        # 5.3, 8: 12.7 vs 9.4)
+GEMV_ROWS = 32          # int8 inputs of at most this many rows (decode) take the C kernel, in fp32. From 4 rows its
+                        # fp32 FMAs are compute-bound and torch's bf16 kernel is faster (all projections, AMD EPYC:
+                        # 1 row 3.9 vs 4.9 ms, 3: 4.9 vs 5.2, 4: 6.0 vs 5.3, 8: 12.7 vs 9.4), but one kernel for
+                        # every decode batch keeps a sequence's tokens independent of what it is batched with
 
 
 class Linear:

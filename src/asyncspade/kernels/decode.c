@@ -513,6 +513,13 @@ static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const
     return *p < hi[b];
 }
 
+static inline void prefetch_row(const char *kb, const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi,
+                                int b, int64_t j, int D, int esz) {
+    int64_t p;
+    if (!cand(pos, val, lo, hi, b, j, &p)) return;
+    for (int c = 0; c < D * esz; c += 64) __builtin_prefetch(kb + p * D * esz + c, 0, 1);
+}
+
 void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t sb, int64_t sh, int64_t lo,
            const int64_t *hi, const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out,
            int B, int KVH, int G, int D, float scale, int agg_max, int nthreads) {
@@ -542,12 +549,18 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
             int64_t rowoff[BLOCK];
             for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+            int esz = kv_bf16 ? 2 : 4;
+            if (pos)       /* scattered rows are latency-bound: keep two blocks of misses in flight */
+                for (int64_t j = c * CH; j < c * CH + 8 * BLOCK && j < c1; j++) prefetch_row(kb, pos, val, lo, hi, b, j, D, esz);
             for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
                 for (int j = 0; j < nb; j++) {
                     int64_t p;
                     rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? p * D : 0;   /* masked: row 0 (valid) */
                 }
+                if (pos)
+                    for (int64_t j = j0 + 8 * BLOCK; j < j0 + 9 * BLOCK && j < c1; j++)
+                        prefetch_row(kb, pos, val, lo, hi, b, j, D, esz);
                 if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
                 else
 #ifdef __AVX512F__
@@ -654,24 +667,29 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
  * (deterministic). Candidate j is at position idx[b, h, j] (idx non-NULL, strides ib, ih) or lo + j; with
  * expand > 1 each picked position p stands for [p * expand, (p + 1) * expand) (pages -> their tokens).
  * scores [B, KVH, n]; out [B, KVH, k * expand]. */
-static inline int better(const float *s, int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); }
+static inline uint32_t order_key(float f) {        /* unsigned keys in the floats' order (NaN aside) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 
-static void select_top(const float *s, int64_t *ix, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;                       /* quickselect: ix[0..k) end up the k best */
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2, a = ix[lo], b = ix[mid], c = ix[hi], piv;
-        if (better(s, a, b)) { if (better(s, b, c)) piv = b; else piv = better(s, a, c) ? c : a; }
-        else { if (better(s, a, c)) piv = a; else piv = better(s, b, c) ? c : b; }
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (better(s, ix[i], piv)) i++;
-            while (better(s, piv, ix[j])) j--;
-            if (i <= j) { int64_t t = ix[i]; ix[i] = ix[j]; ix[j] = t; i++; j--; }
-        }
-        if (k - 1 <= j) hi = j;
-        else if (k - 1 >= i) lo = i;
-        else break;
+/* The key of the k-th largest of keys[0..n) (1 <= k <= n) by radix selection, 11 + 11 + 10 bits: every loop is
+ * branch-free in the data (a quickselect mispredicts on fresh scores, 5-7x slower than on data it has seen). */
+static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k) {
+    static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
+    uint32_t prefix = 0, mask = 0;
+    int64_t want = k;
+    for (int pass = 0; pass < 3; pass++) {
+        int64_t cnt[2048] = {0};
+        uint32_t bmask = (1u << width[pass]) - 1u;
+        for (int64_t j = 0; j < n; j++)
+            cnt[(keys[j] >> shift[pass]) & bmask] += (keys[j] & mask) == prefix;
+        int64_t bkt = bmask;
+        for (; bkt > 0 && cnt[bkt] < want; bkt--) want -= cnt[bkt];
+        prefix |= (uint32_t)bkt << shift[pass];
+        mask |= bmask << shift[pass];
     }
+    return prefix;
 }
 
 static int cmp_i64(const void *a, const void *b) {
@@ -685,13 +703,31 @@ void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t
     for (int64_t bh = 0; bh < (int64_t)B * KVH; bh++) {
         int b = (int)(bh / KVH), h = (int)(bh % KVH);
         const float *s = scores + bh * n;
-        int64_t *ix = malloc(sizeof(int64_t) * (size_t)n);
-        for (int64_t j = 0; j < n; j++) ix[j] = j;
         int64_t kk = k < n ? k : n;
-        if (kk < n) select_top(s, ix, n, kk);
+        int64_t *ix = malloc(sizeof(int64_t) * (size_t)(kk + 1));
         const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
-        for (int64_t j = 0; j < kk; j++) ix[j] = pos ? pos[ix[j]] : lo + ix[j];
-        qsort(ix, (size_t)kk, sizeof(int64_t), cmp_i64);
+        /* the k-th best value is the threshold: every candidate above it, then the ties in candidate order */
+        uint32_t *key = malloc(sizeof(uint32_t) * (size_t)(n > 0 ? n : 1));
+        for (int64_t j = 0; j < n; j++) key[j] = order_key(s[j]);
+        uint32_t thr = 0;
+        int64_t ties = kk;
+        if (kk < n) {
+            thr = kth_largest_key(key, n, kk);
+            int64_t above = 0;
+            for (int64_t j = 0; j < n; j++) above += key[j] > thr;
+            ties = kk - above;
+        }
+        int64_t m = 0, sorted = 1;
+        for (int64_t j = 0; j < n && m < kk; j++) {       /* branch-free: write every candidate, advance on a pick */
+            int64_t eq = key[j] == thr && ties > 0;
+            int64_t take = key[j] > thr || eq;
+            ties -= eq;
+            ix[m] = pos ? pos[j] : lo + j;
+            sorted &= !take || m == 0 || ix[m] >= ix[m - 1];
+            m += take;
+        }
+        free(key);
+        if (!sorted) qsort(ix, (size_t)kk, sizeof(int64_t), cmp_i64);   /* candidates not in position order */
         int64_t *o = out + bh * k * expand;
         for (int64_t j = 0; j < k; j++)
             for (int64_t e = 0; e < expand; e++)

@@ -50,7 +50,9 @@ class AsyncSpade(SelectionMethod):
         return Selection(ctx.selector.get(layer, batch, q), candidates=ctx.selector.plan.refine)
 
     def observe(self, ctx: SelectionContext, layer: int, q: torch.Tensor, batch: Batch) -> None:
-        if ctx.selector.plan.temporal:
+        # the forecaster reads the last `window` queries: keeping them is needed only from `window` steps before
+        # the first step that may decode sparsely (below, decode is dense and pays nothing for selection)
+        if ctx.selector.plan.temporal and self.cfg.sparse_at(batch.max_len + 1 + self.cfg.window):
             ctx.selector.on_query(layer, q, batch)
 
     def before_layer(self, ctx: SelectionContext, layer: int, forecast: Callable[[int], torch.Tensor],
