@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Every measurement BENCHMARKS.md reports, in the order it reports them, on an idle machine (nothing else running:
 # two cores are easily shared into meaningless timings). Results and logs go to results/ (not committed).
-# Usage: scripts/benchmarks.sh [SECTION ...]   sections: peer bench batched before selectors formats load demo
-#                                               (default all)
+# Usage: scripts/benchmarks.sh [SECTION ...]   sections: peer bench batched before selectors formats selection
+#                                               load demo (default all)
 # The llama.cpp peer needs its scratch venv (built on first use by scripts/peer_llamacpp.py, ~7-10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p results
 want() { [ $# -eq 0 ] || [[ " ${SECTIONS} " == *" $1 "* ]]; }
-SECTIONS="${*:-peer bench batched before selectors formats load demo}"
+SECTIONS="${*:-peer bench batched before selectors formats selection load demo}"
 log() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
 
 if want peer; then
@@ -50,6 +50,12 @@ if want formats; then
   log "weight and KV formats against fp32"
   $PY -m asyncspade eval fidelity --formats int8/bf16,int4/bf16,bf16/bf16,fp32/bf16 --limit 4 --max-tokens 3072 \
       --json results/fidelity_formats.json | tee results/fidelity_formats.txt
+fi
+if want selection; then
+  log "selection fidelity: the default asyncspade, the oracle, Quest and the previous default (hybrid, unrefined)"
+  $PY -m asyncspade eval fidelity --methods oracle,quest,asyncspade --budgets 128,256,1024 --limit 4 \
+      --max-tokens 4096 --variants predictor=hybrid+refine=0+prefilter=none+refresh=1 \
+      --json results/fidelity_selection.json --plot results/fidelity_selection.png | tee results/fidelity_selection.txt
 fi
 if want load; then
   log "the server under load"

@@ -149,6 +149,25 @@ def test_quantized_weights_are_cached_and_reused(tmp_path, monkeypatch):
     assert run(first, tok, [p], weights="int8")[0] == run(second, tok, [p], weights="int8")[0]
 
 
+def test_a_cache_in_another_layout_is_converted_again(tmp_path, monkeypatch):
+    """A cache file whose tensors do not fit the format (written by another layout: here the LM head without its
+    scale) is not trusted: those projections are converted again, and the engine runs."""
+    from asyncspade import quantcache
+    monkeypatch.setenv("ASYNCSPADE_CACHE", str(tmp_path / "cache"))
+    model, tok = make("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    first, _ = load_model(str(tmp_path / "ckpt"), torch.float32)
+    state = lean_model(first, "int8").state()
+    path = quantcache.path_for(first, "int8")
+    quantcache.save(path, {k: v for k, v in state.items() if k != "lm_head:scale"})
+    second, _ = load_model(str(tmp_path / "ckpt"), torch.float32)
+    b = lean_model(second, "int8")
+    assert b.converted == 1                                        # the LM head only
+    [p] = prompts([30])
+    assert run(first, tok, [p], weights="int8")[0] == run(second, tok, [p], weights="int8")[0]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_equals_dense_when_budget_covers_cache_on_lean_path(method):
     model, tok = make("qwen3")

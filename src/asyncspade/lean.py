@@ -88,7 +88,8 @@ class LeanModel:
             def make_linear(name, weight, bias):
                 key = f"{prefix}{name}"
                 parts = {k.split(":", 1)[1]: v for k, v in (cached or {}).items() if k.split(":", 1)[0] == key}
-                if parts:
+                expected = Linear.TENSORS[fmt] | ({"bias"} if bias is not None else set())
+                if set(parts) == expected:      # else absent, or another layout's: convert (the cache is rewritten)
                     lin = Linear(fmt, {k: v.to(device) for k, v in parts.items()}, *weight.shape)
                 else:
                     lin = Linear.from_weight(fmt, weight, bias, device=device)

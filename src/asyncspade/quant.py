@@ -34,6 +34,8 @@ GEMV_ROWS = 32          # int8 inputs of at most this many rows (decode) take th
 class Linear:
     """``y = x W^T (+ b)`` in one weight format. ``act_dtype`` is the dtype ``x`` must have; ``y`` has it too."""
 
+    TENSORS = {"fp32": {"w"}, "bf16": {"w"}, "int8": {"w", "scale"}, "int4": {"w", "scale_zero"}}   # bias optional
+
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int):
         self.fmt, self.t = fmt, tensors
         self.out_features, self.in_features = out_features, in_features

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from .paths import cache_root
 
 CACHED_FORMATS = ("int8", "int4")     # the float formats convert in well under a second: nothing to gain
-VERSION = 1
+VERSION = 2          # the layout of the cached tensors (2: the LM head int8 in every quantized format)
 
 
 def path_for(model, weights: str) -> pathlib.Path | None:
