@@ -27,6 +27,7 @@ from .cli.args import (UserError, add_model_args, add_sparse_args, engine_option
 from .data import PROSE
 from .engine import Engine, kv_store_dtype
 from .config import SparseConfig
+from .costmodel import measure
 from .kvcache import KVStore
 from .methods import method_class
 from .placement import auto_selector
@@ -170,6 +171,11 @@ def run_sweep(args) -> dict:
     cfg0 = model.config
     max_len = max(contexts) + args.rounds * (args.warmup + args.steps) + 8
     bandwidth = {t: read_bandwidth(t) for t in (1, 2)} if args.roofline else None
+    rates = None
+    if args.roofline:       # the cost model's rates: scattered rows (the sparse path's) cost more than streamed ones
+        cm = measure(cfg0.num_key_value_heads, cfg0.num_attention_heads // cfg0.num_key_value_heads, head_dim(cfg0),
+                     kv_store_dtype(model, args.kv_dtype))
+        rates = {"streamed": 1 / cm.byte, "scattered": 1 / cm.gather}
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
                     kv_store_dtype(model, args.kv_dtype), args.page_size,
                     track_pages=any(method_class(c).needs_pages(c) for c in cfgs.values()),
@@ -208,7 +214,7 @@ def run_sweep(args) -> dict:
         for r in out:
             r["floor_s"] = r["bytes"] / max(bandwidth.values())      # the bus, whichever cores read it
     peer = read_peer(args.peer) if args.peer else None
-    return {"rows": out, "machine": machine(), "cache": fill_note, "bandwidth": bandwidth, "peer": peer,
+    return {"rows": out, "machine": machine(), "cache": fill_note, "bandwidth": bandwidth, "rates": rates, "peer": peer,
             "prefill": {"tokens": fill, "seconds": prefill_s},
             "formats": {"weights": args.weights, "kv_dtype": args.kv_dtype},
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
@@ -288,6 +294,10 @@ def print_table(result: dict) -> None:
     if roof:
         print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw / 1e9:.1f} GB/s" for t, bw in roof.items())
               + "; floor = the step's bytes (weights + KV read + selection) / the larger of the two")
+    rates = result.get("rates")
+    if rates:
+        print(f"attention rows, 1 thread (cost model): streamed {rates['streamed'] / 1e9:.1f} GB/s, scattered "
+              f"16-token pages from memory {rates['scattered'] / 1e9:.1f} GB/s (the floor counts both at the bus rate)")
 
 
 def plot(result: dict, path: str) -> None:
