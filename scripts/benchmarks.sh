@@ -53,7 +53,7 @@ if want formats; then
 fi
 if want selection; then
   log "selection fidelity: the default asyncspade, the oracle, Quest and the previous default (hybrid, unrefined)"
-  $PY -m asyncspade eval fidelity --methods oracle,quest,asyncspade --budgets 128,256,1024 --limit 4 \
+  $PY -m asyncspade eval fidelity --methods oracle,quest,asyncspade --budgets 128,1024 --limit 4 \
       --max-tokens 4096 --variants predictor=hybrid+refine=0+prefilter=none+refresh=1 \
       --json results/fidelity_selection.json --plot results/fidelity_selection.png | tee results/fidelity_selection.txt
 fi
