@@ -118,6 +118,17 @@ def test_low_precision_logits_close_to_fp32(fmt, tol):
     assert err < tol, f"{fmt}: max error {err:.3f} of the logits' spread"
 
 
+def test_int8_error_is_the_rounding_only():
+    """Every int8 weight is within half a step of its value, with the scale the kernels read (stored in bf16):
+    quantizing with the unrounded scale left a per-channel gain error (measured: KL vs fp32 on reasoning traces
+    0.0036 with it)."""
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(3)) * torch.rand(64, 1) * 4
+    lin = Linear.from_weight("int8", w)
+    step = lin.t["scale"].float()[:, None]
+    assert bool(((lin.t["w"].float() * step - w).abs() <= step / 2 * (1 + 1e-5)).all())
+    assert int(lin.t["w"].abs().max()) <= 127
+
+
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 def test_weight_formats_represent_the_weight(fmt):
     g = torch.Generator().manual_seed(9)
