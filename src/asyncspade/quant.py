@@ -56,6 +56,7 @@ class Linear:
             self._w = w
         elif fmt == "int8":
             self._scale32 = tensors["scale"].float()
+            self._gemv = kernels.bind_linear_i8(w, self._scale32)
 
     def act_dtype_for(self, rows: int) -> torch.dtype:
         """The activation dtype for an input of ``rows`` rows (int8: fp32 on the C kernel's decode path)."""
@@ -107,7 +108,7 @@ class Linear:
             y = F.linear(x, self._w)
         elif f == "int8":
             if x.dtype == torch.float32:                      # decode: the C kernel, fp32 in and out
-                y = kernels.linear_i8(x, self.t["w"], self._scale32)
+                y = self._gemv(x)
             else:
                 y = torch._weight_int8pack_mm(x, self.t["w"], self.t["scale"])
         else:
@@ -120,7 +121,7 @@ class Linear:
         """``x W^T`` in fp32 whatever the activations' dtype (the LM head: sampling and log-probabilities read
         every logit; int8 takes the C kernel for any number of rows)."""
         if self.fmt == "int8" and self.t["w"].device.type == "cpu":
-            y = kernels.linear_i8(x, self.t["w"], self._scale32)
+            y = self._gemv(x)
             return y if self.bias is None else y + self.bias.float()
         return self(x.to(self.act_dtype)).float()
 

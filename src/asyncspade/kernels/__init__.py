@@ -132,9 +132,14 @@ _C_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _use_c(*tensors: torch.Tensor) -> bool:
-    """The C kernels serve CPU tensors of fp32/bf16 (anything else, e.g. fp64 in tests, takes the reference)."""
-    return (not _forced_torch and tensors[0].device.type == "cpu" and all(t.dtype in _C_DTYPES for t in tensors)
-            and load() is not None)
+    """The C kernels serve CPU tensors of fp32/bf16 (anything else, e.g. fp64 in tests, takes the reference).
+    Called around every kernel of every layer: kept to attribute reads (microseconds add up over 300 calls a step)."""
+    if _forced_torch or not tensors[0].is_cpu or (_lib is None and load() is None):
+        return False
+    for t in tensors:
+        if t.dtype not in _C_DTYPES:
+            return False
+    return True
 
 
 _forced_torch = False
@@ -262,12 +267,28 @@ def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Te
     """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32, in fp32 arithmetic."""
     m, k = x.shape
     n = w.shape[0]
-    if not _use_c(x) or w.device.type != "cpu":
+    if not _use_c(x) or not w.is_cpu:
         return reference.linear_i8(x, w, scale)
     x = x.contiguous()
     out = torch.empty(m, n)
     _lib.linear_i8(_ptr(x), _bf(x), _ptr(w), _ptr(scale), _ptr(out), m, n, k, _threads())
     return out
+
+
+def bind_linear_i8(w: torch.Tensor, scale: torch.Tensor):
+    """:func:`linear_i8` with the weight fixed: ``f(x)`` for fp32 ``x [M, K]``, its pointers and checks resolved once
+    (a decode step makes ~120 such calls). Falls back to :func:`linear_i8` whenever that would not take C."""
+    n, k = w.shape
+    wp, sp = w.data_ptr(), scale.data_ptr()
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if _forced_torch or _lib is None or not w.is_cpu or not x.is_cpu or x.dtype != torch.float32:
+            return linear_i8(x, w, scale)
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], n)
+        _lib.linear_i8(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
+        return out
+    return call
 
 
 def qkv_post(qkv: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
