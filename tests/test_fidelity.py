@@ -143,6 +143,21 @@ def test_predictor_variants_become_configs():
             fidelity.predictor_variants(bad)
 
 
+def test_setting_variants_keep_the_default_beside_them():
+    parser = cli.build_parser(["eval", "fidelity"])
+    args = parser.parse_args(["eval", "fidelity", "--methods", "asyncspade", "--budgets", "128",
+                              "--variants", "default,superset=2+min_candidates=0,refine=0"])
+    cfgs = fidelity.configs_from_args(args)
+    assert list(cfgs) == ["asyncspade[default]@128", "asyncspade[superset=2+min_candidates=0]@128",
+                          "asyncspade[refine=0]@128"]
+    # the settings as given (evals decode sparse from the budget on: min_sparse 0)
+    assert cfgs["asyncspade[default]@128"] == SparseConfig(method="asyncspade", budget=128, min_sparse=0)
+    assert (cfgs["asyncspade[superset=2+min_candidates=0]@128"].superset, cfgs["asyncspade[refine=0]@128"].refine) \
+        == (2, False)
+    with pytest.raises(cli.UserError, match="FIELD=VALUE"):
+        fidelity.setting_variants("defaults")
+
+
 def test_bad_data_path_exits_2(capsys, tmp_path):
     rc = cli.main(["eval", "fidelity", "--data", str(tmp_path / "missing.jsonl")])
     assert rc == 2

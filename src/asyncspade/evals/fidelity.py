@@ -334,7 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "ridge:ar,ridge:last,xlayer:2,hybrid:1 (default: --predictor alone)")
     g.add_argument("--variants", default=None, metavar="LIST",
                    help="asyncspade: compare settings in one pass, comma-separated, each FIELD=VALUE joined by '+', "
-                   "e.g. refine=1+superset=2,refine=1+superset=4+refresh=4 (fields of SparseConfig)")
+                   "e.g. default,superset=2,refine=0+prefilter=none (fields of SparseConfig; default: the settings as "
+                        "given)")
     g.add_argument("--formats", default=None, metavar="LIST",
                    help="instead of methods: compare weight/KV formats of dense decoding with an fp32/fp32 reference, "
                    "comma-separated WEIGHTS/KV, e.g. int8/bf16,int4/bf16,bf16/bf16 (every step counts)")
@@ -369,11 +370,14 @@ def predictor_variants(text: str) -> dict[str, dict]:
 
 def setting_variants(text: str) -> dict[str, dict]:
     """``"refine=1+superset=2,prefilter=none"`` -> ``{"refine=1+superset=2": {"refine": True, "superset": 2}, ...}``
-    (values converted to the field's type)."""
+    (values converted to the field's type); ``default`` is the settings unchanged."""
     fields = {f.name: f for f in dataclasses.fields(SparseConfig)}
     out = {}
     for item in (x.strip() for x in text.split(",") if x.strip()):
         changes = {}
+        if item == "default":                  # the settings as given, beside the variants
+            out[item] = changes
+            continue
         for part in item.split("+"):
             key, _, val = part.partition("=")
             if key not in fields or key in ("method", "budget") or not val:
