@@ -55,7 +55,6 @@ if want selection; then
   log "selection fidelity: the default asyncspade, the oracle, Quest and the previous default (hybrid, unrefined), half the candidates"
   $PY -m asyncspade eval fidelity --methods oracle,quest,asyncspade --budgets 128,1024 --limit 4 \
       --max-tokens 4096 --variants default,predictor=hybrid+refine=0+prefilter=none+refresh=1,superset=2+min_candidates=0 \
-      \
       --json results/fidelity_selection.json --plot results/fidelity_selection.png | tee results/fidelity_selection.txt
 fi
 if want load; then
