@@ -51,6 +51,13 @@ if want formats; then
   $PY -m asyncspade eval fidelity --formats int8/bf16,int4/bf16,bf16/bf16,fp32/bf16 --limit 4 --max-tokens 3072 \
       --json results/fidelity_formats.json | tee results/fidelity_formats.txt
 fi
+if want formats; then
+  log "speed of the weight formats (one bench per format: the format is fixed per run)"
+  for w in int8 int4 bf16 fp32; do
+    $PY -m asyncspade bench --weights "$w" --contexts 4096 --batches 1,8 --methods full --steps 16 --rounds 2 \
+        --json "results/bench_weights_$w.json" | tee "results/bench_weights_$w.txt"
+  done
+fi
 if want selection; then
   log "selection fidelity: the default asyncspade, the oracle, Quest and the previous default (hybrid, unrefined), half the candidates"
   $PY -m asyncspade eval fidelity --methods oracle,quest,asyncspade --budgets 128,1024 --limit 4 \
