@@ -59,11 +59,11 @@ def child_pids(parent: int | None = None, tracker: bool = False) -> set[int]:
     return out
 
 
-def decode_recording_logits(model, tok, ids: list[int], params, sparse=None):
+def decode_recording_logits(model, tok, ids: list[int], params, sparse=None, **engine):
     """Decode one request with the engine; (the finished sequence, the raw logits behind each sampled token)."""
     from asyncspade.config import SparseConfig
     from asyncspade.engine import Engine
-    eng = Engine(model, tok, sparse or SparseConfig(), max_batch=1)
+    eng = Engine(model, tok, sparse or SparseConfig(), max_batch=1, **engine)
     logits, append = [], eng._append
 
     def spy(seq, lg):

@@ -164,7 +164,7 @@ def test_stop_strings_and_streaming(tiny_llama):
     free = engine_greedy(model, tok, [p], 20)[0]
     text = tok.decode(free, skip_special_tokens=True)
     stop = text[len(text) // 2: len(text) // 2 + 3]
-    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=128)
+    eng = Engine(model, tok, SparseConfig(), max_batch=1, max_tokens=128, **EXACT)     # the reference's format
     seq = eng.add(p, SamplingParams(max_tokens=20, ignore_eos=True, stop=[stop]))
     streamed = []
     eng.run([seq], on_event=lambda ev: streamed.append(ev.text))

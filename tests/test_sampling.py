@@ -14,7 +14,8 @@ PROMPT = [5, 9, 5, 17, 300, 301, 302, 5]
 
 
 def recorded(model, tok, params: SamplingParams, prompt=PROMPT):
-    return decode_recording_logits(model, tok, prompt, params)
+    # int8 weights: this tiny model's greedy continuation of PROMPT repeats tokens there, so the penalties bite
+    return decode_recording_logits(model, tok, prompt, params, weights="int8")
 
 
 def test_penalties_follow_their_definitions():

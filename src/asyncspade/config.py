@@ -8,7 +8,7 @@ BENCH_ONLY = ("bound",)      # the zero-cost selection bound: fixed indices, no 
 PREDICTORS = ("ridge", "xlayer", "hybrid")
 RIDGE_KINDS = ("ar", "mean", "linear", "last")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")    # the lean forward's weight formats (quant.py)
-DEFAULT_WEIGHTS = "int8"      # chosen by speed and fidelity vs fp32 (BENCHMARKS.md)
+DEFAULT_WEIGHTS = "int4"      # chosen by speed and fidelity vs fp32 (BENCHMARKS.md §5: faster and closer than int8)
 DEFAULT_KV_DTYPE = "bf16"     # the lean forward's KV cache dtype
 
 

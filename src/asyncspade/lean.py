@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import kernels, quantcache
 from .arch import head_dim, layer_windows, lean_unsupported
+from .config import DEFAULT_WEIGHTS
 from .kvcache import Batch, KVStore
 from .quant import FORMATS, Linear
 
@@ -64,7 +65,7 @@ class LayerWeights:
 class LeanModel:
     """The Llama-family forward over a :class:`KVStore`; built once per (model, weight format, device)."""
 
-    def __init__(self, model, weights: str = "int8", device: torch.device | str | None = None,
+    def __init__(self, model, weights: str = DEFAULT_WEIGHTS, device: torch.device | str | None = None,
                  cached: dict[str, torch.Tensor] | None = None):
         """``cached``: the projections' tensors as :meth:`state` returned them for this model and format (a
         quantization cache); anything missing is converted from the model's weights."""
@@ -201,7 +202,7 @@ class LeanModel:
         return q
 
 
-def lean_model(model, weights: str = "int8", device: torch.device | str | None = None) -> LeanModel:
+def lean_model(model, weights: str = DEFAULT_WEIGHTS, device: torch.device | str | None = None) -> LeanModel:
     """The :class:`LeanModel` of ``model`` in ``weights`` format, built once and shared by every engine on it.
 
     For a model loaded from a checkpoint directory the converted projections are cached on disk (``quantcache``),
