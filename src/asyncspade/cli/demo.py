@@ -74,12 +74,13 @@ def run(args) -> int:
     ids = tok(text, add_special_tokens=False)["input_ids"][:args.context]
     if len(ids) < args.context:
         say(f"the text has only {len(ids)} tokens; using all of them")
+    formats = f"{args.weights} weights, {args.kv_dtype} KV cache"
     say(f"context: {len(ids)} tokens of {what}; each method continues it for {args.new_tokens} tokens, greedy, "
-        f"{args.dtype}")
+        f"{formats}")
     sparse = SparseConfig().replace(method="asyncspade")
     runs = {}
     for name, cfg in (("full", SparseConfig(method="full")), ("asyncspade", sparse)):
-        # asyncspade: the engine decodes on cores - 1 threads, the cache-rank worker runs on the last core
+        # "auto": in-process selection on 2 cores; with a core to spare the cache-rank worker runs there
         eng = new_engine(model, tok, cfg, 1, len(ids) + args.new_tokens + 8, "auto", options=engine_options(args))
         try:
             t0 = time.perf_counter()
@@ -96,7 +97,7 @@ def run(args) -> int:
     (full, _, _), (fast, late, selector) = runs["full"], runs["asyncspade"]
     print("=" * 80)
     print(f"context {len(ids)} tokens of {what}")
-    print(f"{args.new_tokens} new tokens each, {args.dtype}, {os.cpu_count()} cores; asyncspade: budget "
+    print(f"{args.new_tokens} new tokens each, {formats}, {os.cpu_count()} cores; asyncspade: budget "
           f"{sparse.budget} tokens per layer and KV head, predictor {sparse.predictor}, "
           f"{'worker process' if selector == 'AsyncSelector' else 'in-process selection'}"
           + (f" (selection late on {100 * late:.0f}% of layer-steps)" if selector == "AsyncSelector" else ""))
