@@ -87,6 +87,16 @@ def shm_leftovers(before: set[str], wait_s: float = 15.0) -> set[str]:
     return set(os.listdir("/dev/shm")) - before
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it spins (up to 10x slower):
+    modules of tiny-model tests run on one (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def lively(model, std: float = 0.15, seed: int = 0):
     """Random tiny models repeat one token at the default init; larger weights give varied greedy outputs,
     so token-equality tests can actually fail."""

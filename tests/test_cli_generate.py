@@ -22,12 +22,7 @@ PROMPT = "Write a short poem about the sea, the wind and the old lighthouse keep
 SPARSE = ["--method", "oracle", "--budget", "32", "--sink", "4", "--recent", "8", "--dense-layers", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny model on a shared 2-core machine: a second thread only spins
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny tensors: see conftest.one_thread
 
 
 def main(capsys, *argv) -> tuple[int, str, str]:

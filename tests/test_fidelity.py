@@ -15,13 +15,7 @@ from asyncspade.models import tiny_model
 METHODS = ("oracle", "quest", "lastq", "asyncspade", "streaming")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Six engines step in lockstep over tiny tensors: a second thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny tensors: see conftest.one_thread
 
 
 def windows(lengths, prefill, seed=0):

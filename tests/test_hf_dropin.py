@@ -27,13 +27,7 @@ def make_model(arch: str):
     return model, tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine a second thread spins (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])

@@ -23,12 +23,7 @@ FAMILY = {                       # model type -> config overrides (biases, q/k n
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny tensors: see conftest.one_thread
 
 
 def make(arch: str, **overrides):
