@@ -7,11 +7,11 @@ in-line (the candidates it re-ranks, the rows it attends) and pays a fixed cost 
     sparse(n) = call_sparse + gather * (fixed + per_token * n) * row
 
 (``row``: one token's K or V row over the KV heads, in bytes). Dense streams its rows; the sparse path reads
-scattered ones (candidate pages, selected tokens), which cost several times more per byte (measured on an AMD EPYC
-VM: 42 GB/s streaming, 8-13 GB/s for 16-token pages at random from memory). All constants are measured by timing
-the kernels themselves on synthetic data the size of the store's rows, the scattered reads from a buffer larger
-than the caches. Sparse pays from the smallest
-cache length at which it is cheaper; below it the runtime decodes those rows densely. The engine reports how many
+scattered ones (candidate pages, selected tokens), which cost several times more per byte (one thread of an AMD
+EPYC VM: 34-35 GB/s streamed, 5.5-6.2 GB/s for 16-token pages at random from memory). All constants are measured
+by timing the kernels themselves on synthetic data the size of the store's rows, the scattered reads from a buffer
+larger than the caches. Sparse pays from the smallest cache length at which it is cheaper; below it the runtime
+decodes those rows densely. The engine reports how many
 layer steps ran each way.
 """
 from __future__ import annotations
@@ -123,6 +123,7 @@ def _measure(kv_heads: int, group: int, head_dim: int, dtype: torch.dtype) -> Co
                 idx = kernels.topk(s, 256, idx=cand)
                 kernels.attend(q, kb, vb, 1.0, out, end - 16, end, torch.tensor([4]), idx, lim_lo=4, lim_hi=end - 16)
             return run
+
         def cold(m):                            # one timed call per fresh set: a repeat would find them cached
             sparse(m)()
             return min(_timed(sparse(m)) for _ in range(7))
