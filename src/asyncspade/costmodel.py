@@ -11,8 +11,7 @@ scattered ones (candidate pages, selected tokens), which cost several times more
 EPYC VM: 34-35 GB/s streamed, 5.5-6.2 GB/s for 16-token pages at random from memory). All constants are measured
 by timing the kernels themselves on synthetic data the size of the store's rows, the scattered reads from a buffer
 larger than the caches. Sparse pays from the smallest cache length at which it is cheaper; below it the runtime
-decodes those rows densely. The engine reports how many
-layer steps ran each way.
+decodes those rows densely. The engine reports how many layer steps ran each way.
 """
 from __future__ import annotations
 
