@@ -335,7 +335,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", default=None, metavar="LIST",
                    help="asyncspade: compare settings in one pass, comma-separated, each FIELD=VALUE joined by '+', "
                    "e.g. default,superset=2,refine=0+prefilter=none (fields of SparseConfig; default: the settings as "
-                        "given)")
+                   "given)")
     g.add_argument("--formats", default=None, metavar="LIST",
                    help="instead of methods: compare weight/KV formats of dense decoding with an fp32/fp32 reference, "
                    "comma-separated WEIGHTS/KV, e.g. int8/bf16,int4/bf16,bf16/bf16 (every step counts)")

@@ -142,7 +142,8 @@ static inline __m512 exp512(__m512 x, __mmask16 zero) {
 
 /* Block dot products with G and D known at compile time (each K row converted once): s[g * BLOCK + j]. */
 #define DEF_DOTS(NAME, GG, DVV)                                                                                 \
-static inline __attribute__((always_inline)) void NAME(const float *q, const void *K, int bf, const int64_t *rowoff, int nb, float *s) {             \
+static inline __attribute__((always_inline)) void NAME(const float *q, const void *K, int bf,                  \
+                                                      const int64_t *rowoff, int nb, float *s) {               \
     enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
     __m512 qv[G][DV], part[G][BLOCK];                                                                          \
     for (int g = 0; g < G; g++)                                                                                \
@@ -513,13 +514,6 @@ static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const
     return *p < hi[b];
 }
 
-static inline void prefetch_row(const char *kb, const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi,
-                                int b, int64_t j, int D, int esz) {
-    int64_t p;
-    if (!cand(pos, val, lo, hi, b, j, &p)) return;
-    for (int c = 0; c < D * esz; c += 64) __builtin_prefetch(kb + p * D * esz + c, 0, 1);
-}
-
 void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t sb, int64_t sh, int64_t lo,
            const int64_t *hi, const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out,
            int B, int KVH, int G, int D, float scale, int agg_max, int nthreads) {
@@ -549,18 +543,12 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
             int64_t rowoff[BLOCK];
             for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
-            int esz = kv_bf16 ? 2 : 4;
-            if (pos)       /* scattered rows are latency-bound: keep two blocks of misses in flight */
-                for (int64_t j = c * CH; j < c * CH + 8 * BLOCK && j < c1; j++) prefetch_row(kb, pos, val, lo, hi, b, j, D, esz);
             for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
                 for (int j = 0; j < nb; j++) {
                     int64_t p;
                     rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? p * D : 0;   /* masked: row 0 (valid) */
                 }
-                if (pos)
-                    for (int64_t j = j0 + 8 * BLOCK; j < j0 + 9 * BLOCK && j < c1; j++)
-                        prefetch_row(kb, pos, val, lo, hi, b, j, D, esz);
                 if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
                 else
 #ifdef __AVX512F__
