@@ -124,6 +124,23 @@ def test_qkv_post_and_layer_glue(dtype, norm, bias):
     close(K.silu_mul(gu, torch.empty(3, 1536, dtype=dtype)), R.silu_mul(gu, torch.empty(3, 1536, dtype=dtype)), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_page_append_matches_reference(dtype):
+    # rows at a page's first token (reset), inside a page (fold in) and on the last token of a page
+    k = store(3, 2, 64, 32, dtype, seed=3)
+    start = torch.tensor([16, 21, 47])
+    outs = []
+    for impl in (K, R):
+        pmin, pmax = store(3, 2, 4, 32, dtype, seed=4).clone(), store(3, 2, 4, 32, dtype, seed=5).clone()
+        impl.page_append(k, pmin, pmax, start, 16)
+        outs.append((pmin, pmax))
+    for a, r in zip(*outs):
+        assert torch.equal(a, r)
+    pmin, pmax = outs[0]
+    assert torch.equal(pmin[0, :, 1], k[0, :, 16]) and torch.equal(pmax[0, :, 1], k[0, :, 16])
+    assert not torch.equal(pmin[1, :, 1], k[1, :, 21])      # folded in, not reset
+
+
 def test_results_do_not_depend_on_the_thread_count():
     k, v = store(1, 3, 5000, 64, torch.bfloat16), store(1, 3, 5000, 64, torch.bfloat16, seed=1)
     q = randn(1, 3, 3, 64)

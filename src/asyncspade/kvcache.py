@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 @dataclass
 class Batch:
@@ -114,18 +116,12 @@ class KVStore:
         if not self.track_pages:
             return
         if batch.q_len == 1:
-            K = self.k[layer, batch.lo:batch.hi]
-            self._page_append(layer, batch, K[batch.rows, :, batch.start])
+            lo, hi = batch.lo, batch.hi
+            kernels.page_append(self.k[layer, lo:hi], self.pmin[layer, lo:hi], self.pmax[layer, lo:hi], batch.start,
+                                self.page_size)
         else:
             o = int(batch.start[0])
             self.rebuild_pages(layer, batch.lo, o, o + batch.q_len)
-
-    def _page_append(self, layer: int, batch: Batch, k: torch.Tensor) -> None:
-        pmin, pmax = self.pmin[layer, batch.lo:batch.hi], self.pmax[layer, batch.lo:batch.hi]
-        page = batch.start // self.page_size
-        first = (batch.start % self.page_size == 0).view(-1, 1, 1)
-        pmin[batch.rows, :, page] = torch.where(first, k, torch.minimum(pmin[batch.rows, :, page], k))
-        pmax[batch.rows, :, page] = torch.where(first, k, torch.maximum(pmax[batch.rows, :, page], k))
 
     def rebuild_pages(self, layer: int, slot: int, begin: int, end: int) -> None:
         """Recompute the min/max of every page touched by tokens ``[begin, end)`` from the stored keys."""

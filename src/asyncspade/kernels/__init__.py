@@ -37,6 +37,7 @@ SIGNATURES = {
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
+    "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
 }
 
 # positions per attention work item: fixed, so results do not depend on the thread count (the reduction order
@@ -323,3 +324,16 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return reference.silu_mul(gu, out)
     _lib.silu_mul(_ptr(gu), _bf(gu), _ptr(out), _bf(out), gu.shape[0], out.shape[1])
     return out
+
+
+def page_append(k: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, start: torch.Tensor, page_size: int) -> None:
+    """Quest page bounds after a decode write: row b of ``k [B, KVH, T, D]`` (a layer's slot range) wrote position
+    ``start[b]``; its page in ``pmin/pmax [B, KVH, pages, D]`` starts from that key or folds it in (in place)."""
+    if not _use_c(k, pmin, pmax):
+        return reference.page_append(k, pmin, pmax, start, page_size)
+    sb, sh = _store_strides(k)
+    pb, ph = _store_strides(pmin)
+    assert pmax.stride() == pmin.stride() and pmin.dtype == k.dtype == pmax.dtype
+    b, kvh, _, d = k.shape
+    start = start.contiguous()
+    _lib.page_append(_ptr(k), _ptr(pmin), _ptr(pmax), _bf(k), sb, sh, pb, ph, _ptr(start), b, kvh, d, page_size)

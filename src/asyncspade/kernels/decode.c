@@ -910,3 +910,34 @@ void silu_mul(const void *gu, int in_bf16, void *out, int out_bf16, int N, int I
         }
     }
 }
+
+/* Quest page bounds after a decode write: row b wrote the key at position start[b]; page start[b] / page of each
+ * KV head takes that key as its min and max when it is the page's first token, else folds it in. k: the layer's
+ * [B, KVH, T, D] view (strides sb, sh); pmin/pmax: [B, KVH, pages, D] views (strides pb, ph), same dtype as k. */
+void page_append(const void *k, void *pmin, void *pmax, int bf, int64_t sb, int64_t sh, int64_t pb, int64_t ph,
+                 const int64_t *start, int B, int KVH, int D, int page) {
+    for (int b = 0; b < B; b++) {
+        int64_t t = start[b], p = t / page;
+        int first = t % page == 0;
+        for (int h = 0; h < KVH; h++) {
+            int64_t ko = b * sb + h * sh + t * D, po = b * pb + h * ph + p * D;
+            if (bf) {
+                const bf16 *kr = (const bf16 *)k + ko;
+                bf16 *mn = (bf16 *)pmin + po, *mx = (bf16 *)pmax + po;
+                for (int d = 0; d < D; d++) {
+                    float x = bf2f(kr[d]);
+                    if (first || x < bf2f(mn[d])) mn[d] = kr[d];
+                    if (first || x > bf2f(mx[d])) mx[d] = kr[d];
+                }
+            } else {
+                const float *kr = (const float *)k + ko;
+                float *mn = (float *)pmin + po, *mx = (float *)pmax + po;
+                for (int d = 0; d < D; d++) {
+                    float x = kr[d];
+                    if (first || x < mn[d]) mn[d] = x;
+                    if (first || x > mx[d]) mx[d] = x;
+                }
+            }
+        }
+    }
+}

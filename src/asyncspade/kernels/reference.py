@@ -136,3 +136,13 @@ def add_rmsnorm(h, delta, weight, eps, out) -> torch.Tensor:
 def silu_mul(gu, out) -> torch.Tensor:
     g, u = gu.float().chunk(2, -1)
     return out.copy_(F.silu(g) * u)
+
+
+def page_append(k, pmin, pmax, start, page_size) -> None:
+    rows = torch.arange(k.shape[0], device=k.device)
+    start = start.to(k.device)
+    new = k[rows, :, start]                                            # [B, KVH, D]
+    page = start // page_size
+    first = (start % page_size == 0).view(-1, 1, 1)
+    pmin[rows, :, page] = torch.where(first, new, torch.minimum(pmin[rows, :, page], new))
+    pmax[rows, :, page] = torch.where(first, new, torch.maximum(pmax[rows, :, page], new))
