@@ -141,6 +141,26 @@ def test_page_append_matches_reference(dtype):
     assert not torch.equal(pmin[1, :, 1], k[1, :, 21])      # folded in, not reset
 
 
+@pytest.mark.parametrize("n,k", [(40, 64), (17, 96), (96, 576), (24, 1536)])
+def test_linear_i4_matches_reference_and_each_row_stands_alone(n, k):
+    # K/32 groups not a multiple of 4 (masked chunks), N not a multiple of the row tiles, 1..9 activation rows
+    from asyncspade.quant import Linear
+    g = torch.Generator().manual_seed(n + k)
+    lin = Linear.from_weight("int4", torch.randn(n, k, generator=g) * 0.05)
+    w4, sm = lin.t["w4"], lin.t["sm"]
+    x = torch.randn(9, k, generator=g)
+    x[2, :32] = 0                                                   # a group of zeros: no division by zero
+    ours = K.linear_i4(x, w4, sm)
+    torch.testing.assert_close(ours, R.linear_i4(x, w4, sm), atol=1e-4, rtol=1e-4)
+    for m in (1, 2, 3, 5):                                          # a row's result does not depend on its batch
+        assert torch.equal(K.linear_i4(x[:m], w4, sm), ours[:m])
+    assert torch.equal(K.linear_i4(x.to(torch.bfloat16), w4, sm), K.linear_i4(x.to(torch.bfloat16).float(), w4, sm))
+    # the activations' int8 rounding only: close to the fp32 product with the same weights
+    exact = x @ lin.dequantized().t()
+    assert (ours - exact).norm() / exact.norm() < 0.03
+    assert torch.equal(K.dequant_i4(w4, sm), R.dequant_i4(w4, sm))
+
+
 def test_results_do_not_depend_on_the_thread_count():
     k, v = store(1, 3, 5000, 64, torch.bfloat16), store(1, 3, 5000, 64, torch.bfloat16, seed=1)
     q = randn(1, 3, 3, 64)

@@ -7,15 +7,16 @@ fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``             
 bf16     ``W [N, K]`` bf16                              ``F.linear``                                       bf16
 int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 32 rows): ``kernels.linear_i8``;        fp32 / bf16
                                                         more rows: ``torch._weight_int8pack_mm``
-int4     packed ``[N, K/2]`` uint8 + per-group          ``torch._weight_int4pack_mm_for_cpu``              bf16
-         (32 columns) scale and zero
+int4     ``[N, K/2]`` uint8, two columns a byte, + a    decode (<= 32 rows): ``kernels.linear_i4``;        fp32 / bf16
+         bf16 (scale, min) per 32 columns               more rows: ``F.linear`` on the dequantized bf16
 =======  =============================================  =================================================  ===========
 
 Quantization is symmetric per output channel for int8 and asymmetric per group for int4 (as Q4_1: a scale and a
-minimum per 32 weights). torch's int kernels read bf16 activations (with fp32 ones its int8 kernel is ~8x slower)
-and round their output to bf16; asyncspade's C int8 kernel keeps decode's activations and outputs in fp32 at the
-same speed (the weights' bytes bound both). On devices other than the CPU the int formats are stored dequantized in
-bf16 (their kernels are CPU ones here).
+minimum per 32 weights, ``w = q * scale + min``, q in [0, 15]). Scales are stored in bf16 and the weights are
+quantized with the stored (rounded) values, so the only error is the integer rounding. torch's int kernels read
+bf16 activations (with fp32 ones its int8 kernel is ~8x slower) and round their output to bf16; asyncspade's C
+kernels keep decode's activations and outputs in fp32 at the speed of the weights' bytes. On devices other than the
+CPU the int formats are stored dequantized in bf16 (their kernels are CPU ones here).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from . import kernels
 from .config import WEIGHT_FORMATS as FORMATS
 INT4_GROUP = 32
-GEMV_ROWS = 32          # int8 inputs of at most this many rows (decode) take the C kernel, in fp32. From 4 rows its
+GEMV_ROWS = 32          # int8/int4 inputs of at most this many rows (decode) take the C kernel, in fp32. From 4 rows its
                         # fp32 FMAs are compute-bound and torch's bf16 kernel is faster (all projections, AMD EPYC:
                         # 1 row 3.9 vs 4.9 ms, 3: 4.9 vs 5.2, 4: 6.0 vs 5.3, 8: 12.7 vs 9.4), but one kernel for
                         # every decode batch keeps a sequence's tokens independent of what it is batched with
@@ -42,13 +43,14 @@ def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
 class Linear:
     """``y = x W^T (+ b)`` in one weight format. ``act_dtype`` is the dtype ``x`` must have; ``y`` has it too."""
 
-    TENSORS = {"fp32": {"w"}, "bf16": {"w"}, "int8": {"w", "scale"}, "int4": {"w", "scale_zero"}}   # bias optional
+    TENSORS = {"fp32": {"w"}, "bf16": {"w"}, "int8": {"w", "scale"}, "int4": {"w4", "sm"}}   # bias optional
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int):
         self.fmt, self.t = fmt, tensors
         self.out_features, self.in_features = out_features, in_features
         self.bias = tensors.get("bias")
         self.act_dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        self.device = next(iter(tensors.values())).device
         w = tensors.get("w")
         if fmt == "fp32":
             self._w_t = w
@@ -57,10 +59,12 @@ class Linear:
         elif fmt == "int8":
             self._scale32 = tensors["scale"].float()
             self._gemv = kernels.bind_linear_i8(w, self._scale32)
+        elif fmt == "int4":
+            self._gemv = kernels.bind_linear_i4(tensors["w4"], tensors["sm"])
 
     def act_dtype_for(self, rows: int) -> torch.dtype:
-        """The activation dtype for an input of ``rows`` rows (int8: fp32 on the C kernel's decode path)."""
-        if self.fmt == "int8" and rows <= GEMV_ROWS and self.t["w"].device.type == "cpu":
+        """The activation dtype for an input of ``rows`` rows (int8/int4: fp32 on the C kernels' decode path)."""
+        if self.fmt in ("int8", "int4") and rows <= GEMV_ROWS and self.device.type == "cpu":
             return torch.float32
         return self.act_dtype
 
@@ -87,12 +91,12 @@ class Linear:
             t = {"w": q.contiguous(), "scale": scale.to(torch.bfloat16)}
         elif fmt == "int4":
             g = w.view(n, k // INT4_GROUP, INT4_GROUP)
-            lo, hi = g.amin(-1), g.amax(-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(n, k)
-            zero = lo + 8 * scale                            # the kernel computes (q - 8) * scale + zero
-            sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)   # [K/G, N, 2]
-            t = {"w": torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), "scale_zero": sz}
+            lo = g.amin(-1).to(torch.bfloat16).float()               # the stored minimum ...
+            scale = _bf16_at_least(((g.amax(-1) - lo) / 15).clamp(min=1e-12))     # ... and scale (max fits 15 steps)
+            q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)      # [N, K/32, 32]
+            w4 = q[..., :16] | (q[..., 16:] << 4)                    # byte j: column j low, column 16 + j high
+            sm = torch.stack([scale, lo], -1).to(torch.bfloat16)     # [N, K/32, 2]
+            t = {"w4": w4.reshape(n, k // 2).contiguous(), "sm": sm.contiguous()}
         else:
             raise ValueError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
         if bias is not None:
@@ -111,8 +115,10 @@ class Linear:
                 y = self._gemv(x)
             else:
                 y = torch._weight_int8pack_mm(x, self.t["w"], self.t["scale"])
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x, self.t["w"], INT4_GROUP, self.t["scale_zero"])
+        elif x.dtype == torch.float32:                        # int4 decode: the C kernel, fp32 in and out
+            y = self._gemv(x)
+        else:                                                 # int4, many rows (prefill): a bf16 matmul
+            y = F.linear(x, kernels.dequant_i4(self.t["w4"], self.t["sm"]))
         if self.bias is not None:
             y += self.bias
         return y
@@ -127,7 +133,7 @@ class Linear:
 
     def rows(self, lo: int, hi: int) -> "Linear":
         """The projection onto output features ``[lo, hi)`` (e.g. the query part of a fused QKV), sharing storage
-        where the layout allows (int4's packed tiles do not: those rows are repacked once)."""
+        with it."""
         f, t = self.fmt, self.t
         if f == "fp32":
             sub = {"w": t["w"][:, lo:hi]}
@@ -136,8 +142,7 @@ class Linear:
         elif f == "int8":
             sub = {"w": t["w"][lo:hi], "scale": t["scale"][lo:hi]}
         else:
-            return Linear.from_weight("int4", self.dequantized()[lo:hi],
-                                      None if self.bias is None else self.bias[lo:hi].float())
+            sub = {"w4": t["w4"][lo:hi], "sm": t["sm"][lo:hi]}
         if self.bias is not None:
             sub["bias"] = self.bias[lo:hi]
         return Linear(f, sub, hi - lo, self.in_features)
@@ -151,8 +156,7 @@ class Linear:
             return t["w"].float()
         if f == "int8":
             return t["w"].float() * t["scale"].float()[:, None]
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch._weight_int4pack_mm_for_cpu(eye, t["w"], INT4_GROUP, t["scale_zero"]).float().t()
+        return kernels.reference.int4_weight(t["w4"], t["sm"])
 
     @property
     def nbytes(self) -> int:

@@ -34,6 +34,8 @@ SIGNATURES = {
     "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
     "ridge_forecast": [_P, _P, _I64, _I, _I, _I, _F, _P, _I],
     "linear_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
+    "linear_i4": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
+    "dequant_i4": [_P, _P, _P, _I, _I, _I],
     "qkv_post": [_P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
@@ -290,6 +292,44 @@ def bind_linear_i8(w: torch.Tensor, scale: torch.Tensor):
         _lib.linear_i8(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
         return out
     return call
+
+
+def linear_i4(x: torch.Tensor, w4: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] (fp32/bf16) . W^T`` -> ``[M, N]`` fp32 for int4 weights ``w4 [N, K/2]`` uint8 (group g's byte j: column
+    32g + j low nibble, 32g + 16 + j high) with ``sm [N, K/32, 2]`` bf16 (scale, min): ``w = q * scale + min``."""
+    m, k = x.shape
+    n = w4.shape[0]
+    if not _use_c(x) or not w4.is_cpu:
+        return reference.linear_i4(x, w4, sm)
+    x = x.contiguous()
+    out = torch.empty(m, n)
+    _lib.linear_i4(_ptr(x), _bf(x), _ptr(w4), _ptr(sm), _ptr(out), m, n, k, _threads())
+    return out
+
+
+def bind_linear_i4(w4: torch.Tensor, sm: torch.Tensor):
+    """:func:`linear_i4` with the weight fixed (pointers resolved once, as :func:`bind_linear_i8`)."""
+    n, k = w4.shape[0], w4.shape[1] * 2
+    wp, sp = w4.data_ptr(), sm.data_ptr()
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if _forced_torch or _lib is None or not w4.is_cpu or not x.is_cpu or x.dtype != torch.float32:
+            return linear_i4(x, w4, sm)
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], n)
+        _lib.linear_i4(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
+        return out
+    return call
+
+
+def dequant_i4(w4: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """The bf16 ``[N, K]`` weight :func:`linear_i4` reads."""
+    n, k = w4.shape[0], w4.shape[1] * 2
+    if not _use_c(sm) or not w4.is_cpu:
+        return reference.dequant_i4(w4, sm)
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    _lib.dequant_i4(_ptr(w4.contiguous()), _ptr(sm.contiguous()), _ptr(out), n, k, _threads())
+    return out
 
 
 def qkv_post(qkv: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,

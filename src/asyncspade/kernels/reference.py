@@ -146,3 +146,30 @@ def page_append(k, pmin, pmax, start, page_size) -> None:
     first = (start % page_size == 0).view(-1, 1, 1)
     pmin[rows, :, page] = torch.where(first, new, torch.minimum(pmin[rows, :, page], new))
     pmax[rows, :, page] = torch.where(first, new, torch.maximum(pmax[rows, :, page], new))
+
+
+def int4_weight(w4, sm) -> torch.Tensor:
+    """The fp32 ``[N, K]`` weight of :func:`asyncspade.kernels.linear_i4`'s layout."""
+    n, half = w4.shape
+    q = torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half * 2)
+    sm = sm.float()
+    return (q.view(n, -1, 32).float() * sm[..., :1] + sm[..., 1:]).view(n, half * 2)
+
+
+def dequant_i4(w4, sm) -> torch.Tensor:
+    return int4_weight(w4, sm).to(torch.bfloat16)
+
+
+def linear_i4(x, w4, sm) -> torch.Tensor:
+    """As the C kernel: x quantized to int8 per group of 32 (round half to even), exact integer dot products per
+    group, then ``sum_g scale_g * xscale_g * dot_g + min_g * sum_g(x)``."""
+    n, half = w4.shape
+    xg = x.float().view(x.shape[0], half // 16, 32)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq = torch.round(xg * inv[..., None])
+    q = torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half // 16, 32)
+    dots = torch.einsum("mgi,ngi->mng", xq.double(), q.double())
+    smf = sm.double()
+    y = (dots * smf[None, :, :, 0] * (amax.double() / 127)[:, None, :]).sum(-1)
+    return (y + (xg.double().sum(-1)[:, None, :] * smf[None, :, :, 1]).sum(-1)).float()

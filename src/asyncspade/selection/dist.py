@@ -66,7 +66,7 @@ class Wire:
     head_dim: int
     window: int
     k_res: int               # indices per (row, KV head) in a result
-    dtype: torch.dtype       # keys and cross-layer queries travel in the KV store's dtype
+    dtype: torch.dtype       # keys travel in the KV store's dtype; queries in fp32, as the in-process selector reads them
 
     def head(self) -> torch.Tensor:                # [HEAD | lengths per slot | new key position per slot or -1]
         return torch.zeros(HEAD + 2 * self.slots, dtype=torch.int64)
@@ -75,7 +75,7 @@ class Wire:
         return torch.zeros(self.slots, self.heads, 1 if nq == 1 else self.window, self.head_dim)
 
     def xquery(self) -> torch.Tensor:
-        return torch.zeros(self.slots, self.heads, self.head_dim, dtype=self.dtype)
+        return torch.zeros(self.slots, self.heads, self.head_dim)
 
     def key_rows(self) -> torch.Tensor:
         return torch.zeros(self.slots, self.kv_heads, self.head_dim, dtype=self.dtype)
