@@ -89,8 +89,7 @@ class LeanModel:
             def make_linear(name, weight, bias):
                 key = f"{prefix}{name}"
                 parts = {k.split(":", 1)[1]: v for k, v in (cached or {}).items() if k.split(":", 1)[0] == key}
-                expected = Linear.TENSORS[fmt] | ({"bias"} if bias is not None else set())
-                if set(parts) == expected:      # else absent, or another layout's: convert (the cache is rewritten)
+                if Linear.fits(fmt, parts, bias is not None):  # else absent, or another layout's: convert again
                     lin = Linear(fmt, {k: v.to(device) for k, v in parts.items()}, *weight.shape)
                 else:
                     lin = Linear.from_weight(fmt, weight, bias, device=device)

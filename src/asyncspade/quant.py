@@ -7,13 +7,13 @@ fp32     ``W^T [K, N]`` fp32                            ``x @ W^T``             
 bf16     ``W [N, K]`` bf16                              ``F.linear``                                       bf16
 int8     ``W [N, K]`` int8 + per-output-channel scale   decode (<= 32 rows): ``kernels.linear_i8``;        fp32 / bf16
                                                         more rows: ``torch._weight_int8pack_mm``
-int4     ``[N, K/2]`` uint8, two columns a byte, + a    decode (<= 32 rows): ``kernels.linear_i4``;        fp32 / bf16
-         bf16 (scale, min) per 32 columns               more rows: ``F.linear`` on the dequantized bf16
+int4     ``[N, K/2]`` uint8, two columns a byte, + an   decode (<= 32 rows): ``kernels.linear_i4``;        fp32 / bf16
+         fp16 (scale, min) per 32 columns               more rows: ``F.linear`` on the dequantized bf16
 =======  =============================================  =================================================  ===========
 
 Quantization is symmetric per output channel for int8 and asymmetric per group for int4 (as Q4_1: a scale and a
-minimum per 32 weights, ``w = q * scale + min``, q in [0, 15]). Scales are stored in bf16 and the weights are
-quantized with the stored (rounded) values, so the only error is the integer rounding. torch's int kernels read
+minimum per 32 weights, ``w = q * scale + min``, q in [0, 15]). Scales are stored in bf16 (int8) or fp16 (int4)
+and the weights are quantized with the stored (rounded) values, so the only error is the integer rounding. torch's int kernels read
 bf16 activations (with fp32 ones its int8 kernel is ~8x slower) and round their output to bf16; asyncspade's C
 kernels keep decode's activations and outputs in fp32 at the speed of the weights' bytes. On devices other than the
 CPU the int formats are stored dequantized in bf16 (their kernels are CPU ones here).
@@ -43,7 +43,17 @@ def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
 class Linear:
     """``y = x W^T (+ b)`` in one weight format. ``act_dtype`` is the dtype ``x`` must have; ``y`` has it too."""
 
-    TENSORS = {"fp32": {"w"}, "bf16": {"w"}, "int8": {"w", "scale"}, "int4": {"w4", "sm"}}   # bias optional
+    # each format's tensors and their dtypes (a bias is optional)
+    TENSORS = {"fp32": {"w": torch.float32}, "bf16": {"w": torch.bfloat16},
+               "int8": {"w": torch.int8, "scale": torch.bfloat16}, "int4": {"w4": torch.uint8, "sm": torch.float16}}
+
+    @classmethod
+    def fits(cls, fmt: str, tensors: dict[str, torch.Tensor], bias: bool) -> bool:
+        """Whether ``tensors`` (e.g. read from a cache) are this format's, by name and dtype."""
+        want = cls.TENSORS[fmt]
+        if set(tensors) != set(want) | ({"bias"} if bias else set()):
+            return False
+        return all(tensors[name].dtype == dtype for name, dtype in want.items())
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int):
         self.fmt, self.t = fmt, tensors
@@ -90,12 +100,26 @@ class Linear:
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             t = {"w": q.contiguous(), "scale": scale.to(torch.bfloat16)}
         elif fmt == "int4":
+            # scale and minimum in fp16, as GGUF's Q4_1 stores them: weights from a Q4_1 checkpoint (the bundled
+            # model) come back exactly; bf16's shorter mantissa moved them off their grid (5x the KL vs fp32).
+            # Of the fp16 scales around (max - min) / 15, each group keeps the one that reconstructs it best
             g = w.view(n, k // INT4_GROUP, INT4_GROUP)
-            lo = g.amin(-1).to(torch.bfloat16).float()               # the stored minimum ...
-            scale = _bf16_at_least(((g.amax(-1) - lo) / 15).clamp(min=1e-12))     # ... and scale (max fits 15 steps)
-            q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)      # [N, K/32, 32]
+            lo = g.amin(-1).to(torch.float16).float()
+            mid = ((g.amax(-1) - lo) / 15).clamp(min=2 ** -24).to(torch.float16)
+            best = err = q = None
+            for s16 in (mid, torch.nextafter(mid, torch.zeros_like(mid)), torch.nextafter(mid, mid + 1)):
+                sc = s16.float().clamp(min=2 ** -24)
+                qq = ((g - lo[..., None]) / sc[..., None]).round().clamp(0, 15)
+                e = ((qq * sc[..., None] + lo[..., None]) - g).pow(2).sum(-1)
+                if best is None:
+                    best, err, q = sc, e, qq
+                else:
+                    better = e < err
+                    best, err = torch.where(better, sc, best), torch.where(better, e, err)
+                    q = torch.where(better[..., None], qq, q)
+            scale, q = best, q.to(torch.uint8)                       # [N, K/32], [N, K/32, 32]
             w4 = q[..., :16] | (q[..., 16:] << 4)                    # byte j: column j low, column 16 + j high
-            sm = torch.stack([scale, lo], -1).to(torch.bfloat16)     # [N, K/32, 2]
+            sm = torch.stack([scale, lo], -1).to(torch.float16)      # [N, K/32, 2]
             t = {"w4": w4.reshape(n, k // 2).contiguous(), "sm": sm.contiguous()}
         else:
             raise ValueError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")

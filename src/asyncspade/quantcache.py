@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from .paths import cache_root
 
 CACHED_FORMATS = ("int8", "int4")     # the float formats convert in well under a second: nothing to gain
-VERSION = 4          # the cached tensors' layout and rounding (2: the LM head int8 in every quantized format;
-                     # 3: int8 quantized with its bf16-rounded scale; 4: int4 in asyncspade's own layout)
+VERSION = 5          # the cached tensors' layout and rounding (2: the LM head int8 in every quantized format;
+                     # 3: int8 quantized with its bf16-rounded scale; 4: int4 in asyncspade's own layout; 5: int4
+                     # scales in fp16)
 
 
 def path_for(model, weights: str) -> pathlib.Path | None:

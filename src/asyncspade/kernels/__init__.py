@@ -296,7 +296,7 @@ def bind_linear_i8(w: torch.Tensor, scale: torch.Tensor):
 
 def linear_i4(x: torch.Tensor, w4: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
     """``x [M, K] (fp32/bf16) . W^T`` -> ``[M, N]`` fp32 for int4 weights ``w4 [N, K/2]`` uint8 (group g's byte j: column
-    32g + j low nibble, 32g + 16 + j high) with ``sm [N, K/32, 2]`` bf16 (scale, min): ``w = q * scale + min``."""
+    32g + j low nibble, 32g + 16 + j high) with ``sm [N, K/32, 2]`` fp16 (scale, min): ``w = q * scale + min``."""
     m, k = x.shape
     n = w4.shape[0]
     if not _use_c(x) or not w4.is_cpu:

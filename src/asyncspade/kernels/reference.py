@@ -160,16 +160,19 @@ def dequant_i4(w4, sm) -> torch.Tensor:
     return int4_weight(w4, sm).to(torch.bfloat16)
 
 
+Q16 = 32639.0      # the int4 kernel's activation scale: x / (max|x| / Q16) fits two int8 planes
+
+
 def linear_i4(x, w4, sm) -> torch.Tensor:
-    """As the C kernel: x quantized to int8 per group of 32 (round half to even), exact integer dot products per
+    """As the C kernel: x quantized to 16 bits per group of 32 (round half to even), exact integer dot products per
     group, then ``sum_g scale_g * xscale_g * dot_g + min_g * sum_g(x)``."""
     n, half = w4.shape
     xg = x.float().view(x.shape[0], half // 16, 32)
     amax = xg.abs().amax(-1)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, Q16 / amax, torch.zeros_like(amax))
     xq = torch.round(xg * inv[..., None])
     q = torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half // 16, 32)
     dots = torch.einsum("mgi,ngi->mng", xq.double(), q.double())
     smf = sm.double()
-    y = (dots * smf[None, :, :, 0] * (amax.double() / 127)[:, None, :]).sum(-1)
+    y = (dots * smf[None, :, :, 0] * (amax / Q16).double()[:, None, :]).sum(-1)
     return (y + (xg.double().sum(-1)[:, None, :] * smf[None, :, :, 1]).sum(-1)).float()
