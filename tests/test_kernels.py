@@ -77,6 +77,11 @@ def test_score_tokens_and_pages(dtype, d, g, aggregate):
     idx = torch.randint(0, t, (b, kvh, 300), generator=torch.Generator().manual_seed(3))
     close(K.score(q, k, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate),
           R.score(q, k, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate), dtype)
+    # the candidates' keys gathered in order: the same scores as read in place
+    gathered = R.gather_rows(k, idx)
+    in_place = K.score(q, k, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate)
+    assert torch.equal(K.score(q, gathered, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate, gathered=True), in_place)
+    close(R.score(q, gathered, 0.1, lo=4, hi=hi, idx=idx, aggregate=aggregate, gathered=True), in_place, dtype)
     kmax = (k.float() + randn(*k.shape).abs()).to(dtype)             # page minima/maxima
     close(K.score(q, k, 0.1, kmax=kmax, **kw), R.score(q, k, 0.1, kmax=kmax, **kw), dtype)
 

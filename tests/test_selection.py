@@ -326,6 +326,34 @@ def test_refined_selection_is_the_oracle_when_candidates_cover_the_cache(tiny_ll
         torch.testing.assert_close(got[1], oracle[1])
 
 
+def test_candidate_keys_are_the_candidates_keys_and_follow_new_lists():
+    from asyncspade.selection.candidate_keys import CandidateKeys
+    store = KVStore(num_layers=3, slots=3, kv_heads=2, max_tokens=64, head_dim=8, dtype=torch.bfloat16)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(1)))
+    ck = CandidateKeys(store, sparse_layers=[1, 2], width=6)
+    g = torch.Generator().manual_seed(2)
+    cand = torch.randint(0, 40, (2, 2, 6), generator=g)
+    cand[0, 1, 2] = -1                                                     # no candidate there
+    batch = Batch(lo=1, hi=3, start=torch.tensor([40, 40]), q_len=1)
+
+    def expected(c):
+        return gather_rows(store.k[2, 1:3], c.clamp(min=0))
+
+    got = ck.get(2, batch, cand)
+    ok = (cand >= 0)[..., None]
+    assert torch.equal(torch.where(ok, got, 0), torch.where(ok, expected(cand), 0)) and ck.gathers == 2
+    assert torch.equal(ck.get(2, batch, cand), got) and ck.gathers == 2    # same lists: nothing gathered
+    new = cand.clone()
+    new[1, 0, 0] = 39 if int(cand[1, 0, 0]) != 39 else 38               # row 1's list changes ...
+    got = ck.get(2, batch, new)
+    assert ck.gathers == 3 and torch.equal(got[1], expected(new)[1])        # ... only row 1 is gathered again
+    late = new.clone()
+    late[0, 0, 0] = 45                                                     # not written at length 41
+    ck.get(2, batch, late)
+    ck.get(2, batch, late)
+    assert ck.gathers == 5                                                 # so not held: gathered again
+
+
 def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):
     """With fewer candidates than the cache, the in-line pick is a real choice: refined and unrefined asyncspade
     decode differently (the check above is not vacuous), and the refined one's candidates ignore the current

@@ -19,6 +19,7 @@ from .kvcache import Batch, KVStore
 from .methods import Selection, make_method
 from .predictor import xlayer_query
 from .selection import Selector, make_selector
+from .selection.candidate_keys import CandidateKeys
 from .selection.passes import refine
 
 
@@ -63,6 +64,9 @@ class SparseRuntime:
         if self.method.ahead:
             self.selector = make_selector(selector, self.cfg, store, self.heads, self.sparse_layers, self.scale,
                                           on_late)
+        self.candidate_keys = None     # the refinement's candidates' keys, gathered once per candidate list
+        if self.selector is not None and self.selector.plan.refine:
+            self.candidate_keys = CandidateKeys(store, self.sparse_layers, self.selector.plan.result_width)
         # cross-layer forecasts: the residual entering layer `src` forecasts the queries of these target layers
         self.xlayer_targets: dict[int, list[int]] = {}
         self._hooks = []
@@ -134,8 +138,11 @@ class SparseRuntime:
         if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
             if sel is not None and sel.candidates:       # the true query picks the exact top-k in-line
-                keys = self.store.k[layer, batch.lo:batch.hi]
-                sel = Selection(refine(self.selector.plan, q, keys, batch.lengths, sel.idx, self.scale))
+                keys = self.candidate_keys.get(layer, batch, sel.idx)
+                gathered = keys is not None
+                if not gathered:
+                    keys = self.store.k[layer, batch.lo:batch.hi]
+                sel = Selection(refine(self.selector.plan, q, keys, batch.lengths, sel.idx, self.scale, gathered))
             self.sparse_calls += sel is not None
             if self.probe is not None:
                 self.probe(layer, q, batch, sel)

@@ -30,7 +30,7 @@ _P, _I64, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I, _I, _I, _I, _I,
                _F, _I64, _I],
-    "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
+    "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I, _I],
     "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
     "ridge_forecast": [_P, _P, _I64, _I, _I, _I, _F, _P, _I],
     "linear_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
@@ -212,13 +212,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out:
 
 def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch.Tensor | None = None,
           n: int | None = None, idx: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-          aggregate: str = "sum", kmax: torch.Tensor | None = None) -> torch.Tensor:
+          aggregate: str = "sum", kmax: torch.Tensor | None = None, gathered: bool = False) -> torch.Tensor:
     """Aggregated attention probability ``[B, KVH, n]`` (fp32) of the candidates: positions ``[lo, lo + n)`` masked
     from ``hi[b]`` on, or ``idx [B, KVH, n]`` with ``valid`` (and, given ``hi``, only those in ``[lo, hi[b])``).
     Masked candidates score -1. ``q [B, KVH, G, D]``.
-    With ``kmax``, ``k`` and ``kmax`` are page minima and maxima and a page scores Quest's upper bound."""
+    With ``kmax``, ``k`` and ``kmax`` are page minima and maxima and a page scores Quest's upper bound.
+    ``gathered``: ``k [B, KVH, >= n, D]`` holds the candidates' keys in order (row j is position ``idx[..., j]``,
+    which only decides the mask): contiguous rows instead of scattered ones."""
     if not _use_c(*(t for t in (q, k, kmax) if t is not None)):
-        return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate, kmax)
+        return reference.score(q, k, scale, lo, hi, n, idx, valid, aggregate, kmax, gathered)
     b, kvh, g, d = q.shape
     sb, sh = _store_strides(k)
     if kmax is not None:
@@ -231,7 +233,7 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
         ib = ih = 0
     out = torch.empty(b, kvh, n)
     _lib.score(_ptr(q), _ptr(k), _ptr(kmax), _bf(k), sb, sh, lo, _ptr(hi), _ptr(idx), _ptr(valid), n, ib, ih,
-               _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"), _threads())
+               _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"), int(gathered and idx is not None), _threads())
     return out
 
 

@@ -533,7 +533,7 @@ static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const
 
 void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t sb, int64_t sh, int64_t lo,
            const int64_t *hi, const int64_t *idx, const uint8_t *valid, int64_t n, int64_t ib, int64_t ih, float *out,
-           int B, int KVH, int G, int D, float scale, int agg_max, int nthreads) {
+           int B, int KVH, int G, int D, float scale, int agg_max, int gathered, int nthreads) {
     int vec = vec_ok(D);
 #ifdef __AVX512F__
     dots_fn fast = (vec && !k2) ? special_dots(G, D) : NULL;
@@ -564,7 +564,8 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
                 for (int j = 0; j < nb; j++) {
                     int64_t p;
-                    rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? p * D : 0;   /* masked: row 0 (valid) */
+                    /* masked: row 0 (valid); gathered: candidate j's key is row j, p only decides the mask */
+                    rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? (gathered ? j0 + j : p) * D : 0;
                 }
                 if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
                 else

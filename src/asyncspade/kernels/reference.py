@@ -60,10 +60,11 @@ def attend(q, k, v, scale, begin, end, pre=None, idx=None, valid=None, use_idx=N
     return torch.matmul(p, vv)
 
 
-def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum", kmax=None) -> torch.Tensor:
+def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="sum", kmax=None,
+          gathered=False) -> torch.Tensor:
     b, kvh, g, d = q.shape
     if idx is not None:
-        cand = gather_rows(k, idx.clamp(0, k.shape[2] - 1))
+        cand = k[:, :, :idx.shape[-1]] if gathered else gather_rows(k, idx.clamp(0, k.shape[2] - 1))
         cmax = gather_rows(kmax, idx.clamp(0, k.shape[2] - 1)) if kmax is not None else None
         ok = valid if valid is not None else torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         if hi is not None:

@@ -2,6 +2,7 @@
 
 - ``plan.py``     SelectionPlan: which passes run and the widths they keep, derived once from the settings
 - ``passes.py``   the step-ahead (temporal) and cross-layer passes, pure functions
+- ``candidate_keys.py``  CandidateKeys: the in-line refinement's candidates' keys, gathered once per list
 - ``base.py``     Selector: the interface the method and the runtime use
 - ``local.py``    SyncSelector: in-process, at the moment each selection becomes possible (and the workers' engine)
 - ``remote.py``   RemoteSelector: the inference side of a worker (late steps, wait or reuse, fault -> in-process)

@@ -86,14 +86,16 @@ def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: tor
 
 
 def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
-           scale: float) -> torch.Tensor:
+           scale: float, gathered: bool = False) -> torch.Tensor:
     """In-line, with the layer's true query ``q [B, H, D]``: the exact top-k of the candidates ``cand`` that lie in
     ``[sink, lengths - recent)``, ``[B, KVH, k]`` in position order (entries outside those bounds, picked only when
-    fewer candidates qualify, are skipped by the attention's limits)."""
+    fewer candidates qualify, are skipped by the attention's limits). ``keys``: the slot range's keys, or with
+    ``gathered`` the candidates' own keys in order (:class:`~.candidate_keys.CandidateKeys`)."""
     cfg = plan.cfg
     b, h, d = q.shape
     qg = q.float().reshape(b, keys.shape[1], h // keys.shape[1], d).contiguous()
-    s = kernels.score(qg, keys, scale, lo=cfg.sink, hi=lengths - cfg.recent, idx=cand, aggregate=cfg.aggregate)
+    s = kernels.score(qg, keys, scale, lo=cfg.sink, hi=lengths - cfg.recent, idx=cand, aggregate=cfg.aggregate,
+                      gathered=gathered)
     return kernels.topk(s, cfg.k_mid, idx=cand)
 
 
