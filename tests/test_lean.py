@@ -93,6 +93,25 @@ def test_kernel_backends_agree(backend):
     assert got == [hf_greedy(model, p) for p in ps]
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_layer_glue_is_the_same_forward(fmt, arch):
+    """With weights on the C kernels a decode layer runs as two C calls; the same steps as the per-op path, so the
+    same logits bit for bit (q/k norm and QKV biases included)."""
+    model, tok = make(arch)
+    ps = prompts([40, 21])
+    glued, glued_logits, _ = run(model, tok, ps, weights=fmt)
+    lean = lean_model(model, fmt)
+    assert lean.glue is not None
+    kept, lean.glue = lean.glue, None
+    try:
+        plain, plain_logits, _ = run(model, tok, ps, weights=fmt)
+    finally:
+        lean.glue = kept
+    assert glued == plain
+    assert all(torch.equal(a, b) for a, b in zip(glued_logits, plain_logits))
+
+
 @pytest.mark.parametrize("fmt,tol", [("bf16", 0.05), ("int8", 0.1), ("int4", 0.75)])
 def test_low_precision_logits_close_to_fp32(fmt, tol):
     """Same prompt, teacher-forced on the fp32 tokens: logits within ``tol`` (relative to their spread). Random

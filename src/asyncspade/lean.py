@@ -12,7 +12,9 @@ format's activation dtype):
     gu   = x @ W_gate_up                  fused gate/up projection
     h   += (silu(g) * u) @ W_down;  x = rmsnorm_next(h)
 
-then the LM head on each row's last position. No HF module runs and no per-layer Python object is built.
+then the LM head on each row's last position. No HF module runs and no per-layer Python object is built. With
+weights on the C kernels (int4, int8) a decode step runs each side of attention as one C call
+(:class:`~asyncspade.kernels.LayerGlue`): the same steps, without a Python -> C call between each two.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from . import kernels, quantcache
 from .arch import head_dim, layer_windows, lean_unsupported
 from .config import DEFAULT_WEIGHTS
 from .kvcache import Batch, KVStore
-from .quant import FORMATS, Linear
+from .quant import FORMATS, GEMV_ROWS, Linear
 
 
 class LayerWeights:
@@ -105,6 +107,10 @@ class LeanModel:
             # the LM head: int8 whenever the weights are quantized, read with fp32 logits (kernels.linear_i8)
             head = make("", "fp32" if weights == "fp32" else "int8")
             self.lm_head = head("lm_head", model.lm_head.weight, getattr(model.lm_head, "bias", None))
+        projections = [[lin.c_projection() for lin in lw.linears()] for lw in self.layers]
+        self.glue = None         # per layer, when every projection runs on a C kernel in decode
+        if all(p is not None for ps in projections for p in ps):
+            self.glue = [kernels.LayerGlue(ps) for ps in projections]
         self.windows = layer_windows(cfg)
         self._rotary = m.rotary_emb
         self.cos = self.sin = torch.empty(0, self.head_dim // 2)
@@ -150,21 +156,31 @@ class LeanModel:
         attn = torch.empty(n, H * D, dtype=act_dtype, device=dev)
         act = torch.empty(n, self.layers[0].down.in_features, dtype=act_dtype, device=dev)
         decode = n_tok == 1
+        glue = self.glue if decode and n <= GEMV_ROWS and kernels.backend(dev) == "c" else None
+        if glue is not None:
+            qkv_buf, scratch = glue[0].scratch(n)
         for i, lw in enumerate(self.layers):
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             if decode:
                 rt.before_layer(i, h)
-            kernels.qkv_post(lw.qkv(x), lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot, pos,
-                             store.k[i], store.v[i], H, KVH, q)
+            if glue is not None:
+                glue[i].pre(x, qkv_buf, lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot, pos,
+                            store.k[i], store.v[i], H, KVH, q)
+            else:
+                kernels.qkv_post(lw.qkv(x), lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot,
+                                 pos, store.k[i], store.v[i], H, KVH, q)
             store.after_write(i, batch)
             if decode:
                 rt.attend(i, q, attn.view(b, KVH, H // KVH, D))
             else:
                 attn.copy_(self._prefill_attention(i, q, store, batch, n_tok))
                 rt.observe_prefill(i, q.view(b, n_tok, H, D).transpose(1, 2))
-            kernels.add_rmsnorm(h, lw.o(attn), lw.mlp_norm, self.eps, x)
-            kernels.silu_mul(lw.gate_up(x), act)
-            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
-            kernels.add_rmsnorm(h, lw.down(act), nxt, self.eps, x)
+            if glue is not None:
+                glue[i].post(h, attn, x, lw.mlp_norm, nxt, self.eps, scratch)
+            else:
+                kernels.add_rmsnorm(h, lw.o(attn), lw.mlp_norm, self.eps, x)
+                kernels.silu_mul(lw.gate_up(x), act)
+                kernels.add_rmsnorm(h, lw.down(act), nxt, self.eps, x)
         return self.lm_head.logits(x.view(b, n_tok, -1)[:, -1])
 
     def _prefill_attention(self, layer: int, q: torch.Tensor, store: KVStore, batch: Batch, n_tok: int):

@@ -147,6 +147,17 @@ class Linear:
             y += self.bias
         return y
 
+    def c_projection(self):
+        """``(fmt, w, s)`` for :class:`asyncspade.kernels.LayerGlue` when this projection runs on a C kernel in
+        decode (int4, int8 on the CPU, without a bias), else None."""
+        if self.bias is not None or self.device.type != "cpu":
+            return None
+        if self.fmt == "int4":
+            return 4, self.t["w4"], self.t["sm"]
+        if self.fmt == "int8":
+            return 8, self.t["w"], self._scale32
+        return None
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T`` in fp32 whatever the activations' dtype (the LM head: sampling and log-probabilities read
         every logit; int8 takes the C kernel for any number of rows)."""

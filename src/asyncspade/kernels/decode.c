@@ -1133,3 +1133,40 @@ void page_append(const void *k, void *pmin, void *pmax, int bf, int64_t sb, int6
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------ a layer's glue */
+
+/* One projection in a C-kernel format (decode rows, fp32 in and out): fmt 8 = linear_i8 (w int8, s fp32 scales),
+ * fmt 4 = linear_i4 (w packed nibbles, s fp16 scale/min pairs). */
+typedef struct { int64_t fmt, N, K; const void *w, *s; } lin_t;
+
+static void lin_apply(const lin_t *l, const float *x, float *out, int M, int nthreads) {
+    if (l->fmt == 8) linear_i8(x, 0, (const int8_t *)l->w, (const float *)l->s, out, M, (int)l->N, (int)l->K, nthreads);
+    else linear_i4(x, 0, (const uint8_t *)l->w, (const f16 *)l->s, out, M, (int)l->N, (int)l->K, nthreads);
+}
+
+/* Before attention, M decode rows: qkv = x W_qkv^T, then qkv_post (its arguments as there). One call instead of
+ * two: each Python -> C call costs microseconds, ~10 of them a layer. */
+void layer_pre(const lin_t *qkv, const float *x, float *qkv_buf, int M, const float *bias, const float *qnw,
+               const float *knw, float eps, const float *cos_t, const float *sin_t, const int64_t *slot,
+               const int64_t *pos, float *q_out, void *kbase, void *vbase, int kv_bf16, int64_t ss, int64_t sh,
+               int H, int KVH, int D, int nthreads) {
+    lin_apply(qkv, x, qkv_buf, M, nthreads);
+    qkv_post(qkv_buf, 0, bias, qnw, knw, eps, cos_t, sin_t, slot, pos, q_out, kbase, vbase, kv_bf16, ss, sh, M, H,
+             KVH, D);
+}
+
+/* After attention, M decode rows (h the fp32 residual [M, C], attn [M, H D] fp32):
+ *   h += attn W_o^T; x = rmsnorm(h) w_mlp; gu = x W_gu^T; act = silu(gate) up; h += act W_down^T;
+ *   x = rmsnorm(h) w_next.  buf: M (C + 2 I + I + C) floats of scratch. */
+void layer_post(const lin_t *o, const lin_t *gate_up, const lin_t *down, float *h, const float *attn, float *x,
+                const float *w_mlp, const float *w_next, float eps, float *buf, int M, int nthreads) {
+    int C = (int)o->N, I = (int)down->K;
+    float *o_out = buf, *gu = o_out + (int64_t)M * C, *act = gu + (int64_t)M * 2 * I, *d_out = act + (int64_t)M * I;
+    lin_apply(o, attn, o_out, M, nthreads);
+    add_rmsnorm(h, o_out, 0, w_mlp, eps, x, 0, M, C);
+    lin_apply(gate_up, x, gu, M, nthreads);
+    silu_mul(gu, 0, act, 0, M, I);
+    lin_apply(down, act, d_out, M, nthreads);
+    add_rmsnorm(h, d_out, 0, w_next, eps, x, 0, M, C);
+}
