@@ -19,6 +19,10 @@ def test_the_summary_says_what_happened():
     assert speed_verdict(0.100, 0.050).startswith("asyncspade was faster: 2.00x")
     assert speed_verdict(0.050, 0.060).startswith("asyncspade was slower: 1.20x")
     assert "same speed" in speed_verdict(0.050, 0.0505)
+    # both decoded densely: no speed claim from noise (the 6K demo printed "1.22x slower", then "1.10x faster")
+    dense = speed_verdict(0.0066, 0.0080, dense_from=20000)
+    assert dense.startswith("asyncspade decoded densely") and "past 20000 cached tokens" in dense
+    assert "slower" not in dense and "faster" not in dense
     assert agreement([1, 2, 3], [1, 2, 3]) == "The two continuations are identical (3 tokens)."
     assert agreement([1, 2, 3, 4], [1, 2, 9, 4]) == \
         "The two continuations agree on the first 2 of 4 tokens, then differ."
@@ -32,5 +36,6 @@ def test_demo_runs_anywhere(tiny_dir, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "300 tokens of the Constitution of the United States" in err
-    assert re.search(r"^asyncspade (was faster|was slower|and full attention decoded at the same speed)", out, re.M)
+    assert re.search(r"^asyncspade (was faster|was slower|and full attention decoded at the same speed|decoded densely)",
+                     out, re.M)
     assert re.search(r"^The two continuations (are identical|agree on the first \d+ of 6 tokens)", out, re.M)
