@@ -118,6 +118,25 @@ def test_oversized_body_gets_413_before_it_is_read(srv):
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
 
 
+def test_a_client_still_sending_gets_the_413_not_a_reset(srv):
+    """The server answers 413 before reading an oversized body, then closes: closing with the client's bytes unread
+    reset the connection, and a client that sends its whole body before reading lost the answer ("peer closed
+    connection", CI flaked on it). The server now drops the rest of the body first (lingering close)."""
+    body = b'{"prompt": "' + b"x" * (BIG + 10) + b'"}'
+    host, port = srv.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.5)                                  # the server has answered and (before) closed by now
+        sock.sendall(body)                               # a reset makes this, or the read below, fail
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection without an answer"
+            data += chunk
+    assert data.split()[1] == b"413"
+
+
 def _raw(sock: socket.socket, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
     """One HTTP/1.1 request on a kept-alive socket; (status, body)."""
     sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -52,6 +52,32 @@ def error_body(status: int, message: str, code: str | None = None, type_: str = 
     return APIError(status, message, None, code, type_).body()
 
 
+# Lingering close (as web servers do): before answering 413 on a connection the server then closes, read and drop
+# what the client is still sending, up to these bounds. Closing with unread bytes resets the connection, and a client
+# that gets the reset before it reads the 413 loses it ("peer closed connection" in place of the error).
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 5.0
+
+
+async def _drain(receive) -> None:
+    """Read and drop the rest of a request body, within DRAIN_BYTES and DRAIN_SECONDS."""
+    loop = asyncio.get_running_loop()
+    deadline, got = loop.time() + DRAIN_SECONDS, 0
+    while got < DRAIN_BYTES:
+        left = deadline - loop.time()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        got += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class _TooLarge(Exception):
     pass
 
@@ -105,11 +131,13 @@ class Guard:
                 return
             length = dict(headers).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
+                await _drain(receive)                   # dropped unread: never parsed nor kept
                 await respond(413, too_large, {"Connection": "close"})
                 return
             await self.app(scope, receive_, send_)
         except _TooLarge:
             if not started:
+                await _drain(receive)
                 await respond(413, too_large, {"Connection": "close"})
         except Exception:
             ref = uuid.uuid4().hex[:8]
