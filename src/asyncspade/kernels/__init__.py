@@ -270,60 +270,49 @@ def ridge_forecast(w: torch.Tensor, count: torch.Tensor, order: int, ridge: floa
     return out
 
 
-def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32, in fp32 arithmetic."""
-    m, k = x.shape
-    n = w.shape[0]
+def _linear_q(kernel: str, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n: int, k: int, ref) -> torch.Tensor:
     if not _use_c(x) or not w.is_cpu:
-        return reference.linear_i8(x, w, scale)
+        return ref(x, w, s)
     x = x.contiguous()
-    out = torch.empty(m, n)
-    _lib.linear_i8(_ptr(x), _bf(x), _ptr(w), _ptr(scale), _ptr(out), m, n, k, _threads())
+    out = torch.empty(x.shape[0], n)
+    getattr(_lib, kernel)(_ptr(x), _bf(x), _ptr(w), _ptr(s), _ptr(out), x.shape[0], n, k, _threads())
     return out
 
 
-def bind_linear_i8(w: torch.Tensor, scale: torch.Tensor):
-    """:func:`linear_i8` with the weight fixed: ``f(x)`` for fp32 ``x [M, K]``, its pointers and checks resolved once
-    (a decode step makes ~120 such calls). Falls back to :func:`linear_i8` whenever that would not take C."""
-    n, k = w.shape
-    wp, sp = w.data_ptr(), scale.data_ptr()
+def _bind(kernel: str, w: torch.Tensor, s: torch.Tensor, n: int, k: int, unbound):
+    """``unbound`` with the weight fixed: ``f(x)`` for fp32 ``x [M, K]``, its pointers and checks resolved once (a
+    decode step makes ~120 such calls). Falls back to ``unbound`` whenever that would not take C."""
+    wp, sp = w.data_ptr(), s.data_ptr()
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if _forced_torch or _lib is None or not w.is_cpu or not x.is_cpu or x.dtype != torch.float32:
-            return linear_i8(x, w, scale)
+            return unbound(x, w, s)
         x = x.contiguous()
         out = torch.empty(x.shape[0], n)
-        _lib.linear_i8(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
+        getattr(_lib, kernel)(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
         return out
     return call
+
+
+def linear_i8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] (fp32/bf16) . (w [N, K] int8 * scale [N] fp32)^T`` -> ``[M, N]`` fp32, in fp32 arithmetic."""
+    return _linear_q("linear_i8", x, w, scale, w.shape[0], w.shape[1], reference.linear_i8)
+
+
+def bind_linear_i8(w: torch.Tensor, scale: torch.Tensor):
+    """:func:`linear_i8` with the weight fixed (see :func:`_bind`)."""
+    return _bind("linear_i8", w, scale, w.shape[0], w.shape[1], linear_i8)
 
 
 def linear_i4(x: torch.Tensor, w4: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
     """``x [M, K] (fp32/bf16) . W^T`` -> ``[M, N]`` fp32 for int4 weights ``w4 [N, K/2]`` uint8 (group g's byte j: column
     32g + j low nibble, 32g + 16 + j high) with ``sm [N, K/32, 2]`` fp16 (scale, min): ``w = q * scale + min``."""
-    m, k = x.shape
-    n = w4.shape[0]
-    if not _use_c(x) or not w4.is_cpu:
-        return reference.linear_i4(x, w4, sm)
-    x = x.contiguous()
-    out = torch.empty(m, n)
-    _lib.linear_i4(_ptr(x), _bf(x), _ptr(w4), _ptr(sm), _ptr(out), m, n, k, _threads())
-    return out
+    return _linear_q("linear_i4", x, w4, sm, w4.shape[0], w4.shape[1] * 2, reference.linear_i4)
 
 
 def bind_linear_i4(w4: torch.Tensor, sm: torch.Tensor):
-    """:func:`linear_i4` with the weight fixed (pointers resolved once, as :func:`bind_linear_i8`)."""
-    n, k = w4.shape[0], w4.shape[1] * 2
-    wp, sp = w4.data_ptr(), sm.data_ptr()
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if _forced_torch or _lib is None or not w4.is_cpu or not x.is_cpu or x.dtype != torch.float32:
-            return linear_i4(x, w4, sm)
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], n)
-        _lib.linear_i4(x.data_ptr(), 0, wp, sp, out.data_ptr(), x.shape[0], n, k, _threads())
-        return out
-    return call
+    """:func:`linear_i4` with the weight fixed (see :func:`_bind`)."""
+    return _bind("linear_i4", w4, sm, w4.shape[0], w4.shape[1] * 2, linear_i4)
 
 
 def dequant_i4(w4: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
