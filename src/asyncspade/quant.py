@@ -13,10 +13,11 @@ int4     ``[N, K/2]`` uint8, two columns a byte, + an   decode (<= 32 rows): ``k
 
 Quantization is symmetric per output channel for int8 and asymmetric per group for int4 (as Q4_1: a scale and a
 minimum per 32 weights, ``w = q * scale + min``, q in [0, 15]). Scales are stored in bf16 (int8) or fp16 (int4)
-and the weights are quantized with the stored (rounded) values, so the only error is the integer rounding. torch's int kernels read
-bf16 activations (with fp32 ones its int8 kernel is ~8x slower) and round their output to bf16; asyncspade's C
-kernels keep decode's activations and outputs in fp32 at the speed of the weights' bytes. On devices other than the
-CPU the int formats are stored dequantized in bf16 (their kernels are CPU ones here).
+and the weights are quantized with the stored (rounded) values, so the only error is the integer rounding. torch's
+int kernels read bf16 activations (with fp32 ones its int8 kernel is ~8x slower) and round their output to bf16;
+asyncspade's C kernels keep decode's outputs in fp32 (int8: fp32 activations; int4: activations rounded to 16 bits
+per 32) at the speed of the weights' bytes. On devices other than the CPU the int formats are stored dequantized in
+bf16 (their kernels are CPU ones here).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import torch.nn.functional as F
 from . import kernels
 from .config import WEIGHT_FORMATS as FORMATS
 INT4_GROUP = 32
-GEMV_ROWS = 32          # int8/int4 inputs of at most this many rows (decode) take the C kernel, in fp32. From 4 rows its
-                        # fp32 FMAs are compute-bound and torch's bf16 kernel is faster (all projections, AMD EPYC:
-                        # 1 row 3.9 vs 4.9 ms, 3: 4.9 vs 5.2, 4: 6.0 vs 5.3, 8: 12.7 vs 9.4), but one kernel for
-                        # every decode batch keeps a sequence's tokens independent of what it is batched with
+GEMV_ROWS = 32          # int8/int4 inputs of at most this many rows (decode) take the C kernels. From 4 rows they
+                        # are compute-bound and torch's kernels are faster (all projections, AMD EPYC, ours vs
+                        # torch's: int8 1 row 3.9 vs 4.9 ms, 4: 6.0 vs 5.3, 8: 12.7 vs 9.4; int4 1 row 2.19 vs
+                        # 2.31, 4: 4.0 vs 3.2, 8: 7.2 vs 5.8), but one kernel for every decode batch keeps a
+                        # sequence's tokens independent of what it is batched with
 
 
 def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -106,18 +108,12 @@ class Linear:
             g = w.view(n, k // INT4_GROUP, INT4_GROUP)
             lo = g.amin(-1).to(torch.float16).float()
             mid = ((g.amax(-1) - lo) / 15).clamp(min=2 ** -24).to(torch.float16)
-            best = err = q = None
-            for s16 in (mid, torch.nextafter(mid, torch.zeros_like(mid)), torch.nextafter(mid, mid + 1)):
-                sc = s16.float().clamp(min=2 ** -24)
-                qq = ((g - lo[..., None]) / sc[..., None]).round().clamp(0, 15)
-                e = ((qq * sc[..., None] + lo[..., None]) - g).pow(2).sum(-1)
-                if best is None:
-                    best, err, q = sc, e, qq
-                else:
-                    better = e < err
-                    best, err = torch.where(better, sc, best), torch.where(better, e, err)
-                    q = torch.where(better[..., None], qq, q)
-            scale, q = best, q.to(torch.uint8)                       # [N, K/32], [N, K/32, 32]
+            scales = torch.stack([mid, torch.nextafter(mid, torch.zeros_like(mid)), torch.nextafter(mid, mid + 1)])
+            scales = scales.float().clamp(min=2 ** -24)                                   # [3, N, K/32]
+            qs = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15)           # [3, N, K/32, 32]
+            best = ((qs * scales[..., None] + lo[..., None]) - g).pow(2).sum(-1).argmin(0, keepdim=True)   # ties: mid
+            scale = scales.gather(0, best)[0]                                             # [N, K/32]
+            q = qs.gather(0, best[..., None].expand(1, *g.shape))[0].to(torch.uint8)      # [N, K/32, 32]
             w4 = q[..., :16] | (q[..., 16:] << 4)                    # byte j: column j low, column 16 + j high
             sm = torch.stack([scale, lo], -1).to(torch.float16)      # [N, K/32, 2]
             t = {"w4": w4.reshape(n, k // 2).contiguous(), "sm": sm.contiguous()}

@@ -912,7 +912,7 @@ static void i4_tile_##JR##_##MR(const uint8_t *w4, const f16 *sm, const xq_t *ro
             _mm_prefetch((const char *)(sr + ahead * G * 2), _MM_HINT_T0);                                          \
             __m512i v = _mm512_maskz_loadu_epi8(wm, wr);                                                             \
             __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);            \
-            /* (scale, min) of the chunk's groups, bf16 -> fp32, each spread over its group's 4 lanes */             \
+            /* (scale, min) of the chunk's groups, fp16 -> fp32, each spread over its group's 4 lanes */             \
             __m512 p = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(km, sr)));                      \
             __m512 sc = _mm512_permutexvar_ps(pick_s, p), mn = _mm512_permutexvar_ps(pick_m, p);                     \
             for (int m = 0; m < MR; m++) {                                                                           \

@@ -149,12 +149,17 @@ def page_append(k, pmin, pmax, start, page_size) -> None:
     pmax[rows, :, page] = torch.where(first, new, torch.maximum(pmax[rows, :, page], new))
 
 
+def _int4_q(w4) -> torch.Tensor:
+    """The integers ``[N, K/32, 32]`` of :func:`asyncspade.kernels.linear_i4`'s packed layout (group g's byte j: column
+    32g + j in its low nibble, 32g + 16 + j in its high one)."""
+    n, half = w4.shape
+    return torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half // 16, 32)
+
+
 def int4_weight(w4, sm) -> torch.Tensor:
     """The fp32 ``[N, K]`` weight of :func:`asyncspade.kernels.linear_i4`'s layout."""
-    n, half = w4.shape
-    q = torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half * 2)
     sm = sm.float()
-    return (q.view(n, -1, 32).float() * sm[..., :1] + sm[..., 1:]).view(n, half * 2)
+    return (_int4_q(w4).float() * sm[..., :1] + sm[..., 1:]).view(w4.shape[0], -1)
 
 
 def dequant_i4(w4, sm) -> torch.Tensor:
@@ -172,8 +177,7 @@ def linear_i4(x, w4, sm) -> torch.Tensor:
     amax = xg.abs().amax(-1)
     inv = torch.where(amax > 0, Q16 / amax, torch.zeros_like(amax))
     xq = torch.round(xg * inv[..., None])
-    q = torch.stack([w4 & 15, w4 >> 4], 1).view(n, 2, half // 16, 16).transpose(1, 2).reshape(n, half // 16, 32)
-    dots = torch.einsum("mgi,ngi->mng", xq.double(), q.double())
+    dots = torch.einsum("mgi,ngi->mng", xq.double(), _int4_q(w4).double())
     smf = sm.double()
     y = (dots * smf[None, :, :, 0] * (amax / Q16).double()[:, None, :]).sum(-1)
     return (y + (xg.double().sum(-1)[:, None, :] * smf[None, :, :, 1]).sum(-1)).float()

@@ -120,8 +120,10 @@ class Guard:
             if seen > limit:
                 raise _TooLarge()
             return message
-        too_large = error_body(413, f"the request body exceeds {limit} bytes (--max-request-bytes)",
-                               "request_too_large")
+        async def refuse_too_large():
+            await _drain(receive)                   # lingering close; the rest is dropped unread, never parsed
+            await respond(413, error_body(413, f"the request body exceeds {limit} bytes (--max-request-bytes)",
+                                          "request_too_large"), {"Connection": "close"})
         try:
             headers = scope["headers"]
             if scope["path"].startswith("/v1") and self.state.api_key and not _authorized(headers,
@@ -131,14 +133,12 @@ class Guard:
                 return
             length = dict(headers).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                await _drain(receive)                   # dropped unread: never parsed nor kept
-                await respond(413, too_large, {"Connection": "close"})
+                await refuse_too_large()
                 return
             await self.app(scope, receive_, send_)
         except _TooLarge:
             if not started:
-                await _drain(receive)
-                await respond(413, too_large, {"Connection": "close"})
+                await refuse_too_large()
         except Exception:
             ref = uuid.uuid4().hex[:8]
             log.exception("unhandled error on %s (ref %s)", scope["path"], ref)
