@@ -544,6 +544,8 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
     float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);          /* [B, KVH, G, n] scaled scores */
     float *stat = malloc(sizeof(float) * (size_t)items * G * 2);         /* per chunk and query head: max, sum */
     float *glob = malloc(sizeof(float) * (size_t)B * KVH * G * 2);
+    int64_t nblk = (n + BLOCK - 1) / BLOCK;                 /* CH is a multiple of BLOCK: blocks never straddle */
+    uint16_t *okbits = malloc(sizeof(uint16_t) * (size_t)(B * KVH * nblk > 0 ? B * KVH * nblk : 1));
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
@@ -560,13 +562,21 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
             int64_t rowoff[BLOCK];
             for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+#ifdef __AVX512F__
+            __m512 vmax[MAXG];
+            for (int g = 0; g < G; g++) vmax[g] = _mm512_set1_ps(-INFINITY);
+#endif
             for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
+                uint16_t ok = 0;
                 for (int j = 0; j < nb; j++) {
                     int64_t p;
+                    int o = cand(pos, val, lo, hi, b, j0 + j, &p);
                     /* masked: row 0 (valid); gathered: candidate j's key is row j, p only decides the mask */
-                    rowoff[j] = cand(pos, val, lo, hi, b, j0 + j, &p) ? (gathered ? j0 + j : p) * D : 0;
+                    rowoff[j] = o ? (gathered ? j0 + j : p) * D : 0;
+                    ok |= (uint16_t)(o << j);
                 }
+                okbits[bh * nblk + j0 / BLOCK] = ok;        /* the last pass masks by these bits */
                 if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
                 else
 #ifdef __AVX512F__
@@ -575,16 +585,26 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
 #endif
                 if (vec) dots(qh, kb, kv_bf16, rowoff, nb, G, D, blk);
                 else dots_scalar(qh, kb, kv_bf16, rowoff, nb, G, D, blk);
-                for (int j = 0; j < nb; j++) {
-                    int64_t p;
-                    int ok = cand(pos, val, lo, hi, b, j0 + j, &p);
+#ifdef __AVX512F__
+                __mmask16 live = (__mmask16)(nb < 16 ? (1u << nb) - 1u : 0xFFFFu);
+                for (int g = 0; g < G; g++) {
+                    __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), (__mmask16)ok,
+                                                  _mm512_loadu_ps(blk + g * BLOCK), _mm512_set1_ps(scale));
+                    _mm512_mask_storeu_ps(sbh + g * n + j0, live, x);
+                    vmax[g] = _mm512_max_ps(vmax[g], x);
+                }
+#else
+                for (int j = 0; j < nb; j++)
                     for (int g = 0; g < G; g++) {
-                        float x = ok ? blk[g * BLOCK + j] * scale : -INFINITY;
+                        float x = (ok >> j) & 1 ? blk[g * BLOCK + j] * scale : -INFINITY;
                         sbh[g * n + j0 + j] = x;
                         st[2 * g] = x > st[2 * g] ? x : st[2 * g];
                     }
-                }
+#endif
             }
+#ifdef __AVX512F__
+            for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
+#endif
             for (int g = 0; g < G; g++) {
                 float mx = st[2 * g], acc = 0.f;
                 if (mx == -INFINITY) continue;
@@ -618,9 +638,6 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
         #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             int64_t bh = it / nc, c = it % nc;
-            int b = (int)(bh / KVH), h = (int)(bh % KVH);
-            const int64_t *pos = idx ? idx + b * ib + h * ih : NULL;
-            const uint8_t *val = (idx && valid) ? valid + b * ib + h * ih : NULL;
             const float *sbh = s + bh * G * n;
             float *o = out + bh * n;
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
@@ -640,11 +657,7 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
                     a = agg_max ? _mm512_max_ps(a, pr) : _mm512_add_ps(a, pr);
                     any |= (__mmask16)~bad;
                 }
-                __mmask16 ok = 0;
-                for (int t = 0; t < 16; t++) {
-                    int64_t p;
-                    if (cand(pos, val, lo, hi, b, j + t, &p)) ok |= (__mmask16)(1u << t);
-                }
+                __mmask16 ok = (__mmask16)okbits[bh * nblk + j / BLOCK];
                 _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok & any, a));
             }
 #endif
@@ -659,11 +672,11 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
                     any = 1;
                     a = agg_max ? (pr > a ? pr : a) : a + pr;
                 }
-                int64_t p;
-                o[j] = (cand(pos, val, lo, hi, b, j, &p) && any) ? a : -1.f;
+                o[j] = (((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1) && any) ? a : -1.f;
             }
         }
     }
+    free(okbits);
     free(glob);
     free(stat);
     free(s);
