@@ -164,6 +164,34 @@ def test_query_window_keeps_newest():
     assert w.get(0, 0, 1)[0][0, 0, :, 0].tolist() == [6, 7, 8, 9]
 
 
+def test_query_windows_match_shifted_windows():
+    """The ring windows read like windows shifted at every push, oldest first and zeros before the first query,
+    for rows pushed at different times, one query or a prefill chunk at a time, across resets."""
+    slots, layers, heads, W, d = 3, 2, 2, 5, 3
+    ring = QueryWindows(slots, layers, heads, W, d)
+    ref = torch.zeros(slots, layers, heads, W, d)
+    count = np.zeros((slots, layers), dtype=np.int64)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        lo = int(torch.randint(0, slots, (1,), generator=g))
+        hi = int(torch.randint(lo + 1, slots + 1, (1,), generator=g))
+        li = int(torch.randint(0, layers, (1,), generator=g))
+        if float(torch.rand(1, generator=g)) < 0.05:
+            ring.reset(lo, hi)
+            ref[lo:hi] = 0
+            count[lo:hi] = 0
+            continue
+        n = 1 if float(torch.rand(1, generator=g)) < 0.7 else int(torch.randint(2, 9, (1,), generator=g))
+        q = torch.randn(hi - lo, heads, n, d, generator=g)
+        ring.push(li, lo, hi, q)
+        m = min(n, W)
+        ref[lo:hi, li] = torch.cat([ref[lo:hi, li, :, m:], q[:, :, -m:]], 2)
+        count[lo:hi, li] += n
+        w, c = ring.get(li, lo, hi)
+        assert torch.equal(w, ref[lo:hi, li])
+        assert c.tolist() == np.minimum(count[lo:hi, li], W).tolist()
+
+
 @pytest.mark.parametrize("predictor", ["ridge", "xlayer", "hybrid"])
 def test_ahead_selection_ignores_current_query(tiny_llama, predictor):
     """lastq/asyncspade select from information that exists before the layer runs: the current query is unused."""

@@ -8,6 +8,7 @@ heads of all rows of a layer.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -20,11 +21,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class QueryWindows:
-    """Sliding windows of recent queries, ``[slots, layers, heads, W, D]`` (fp32), newest last."""
+    """Sliding windows of recent queries per (slot, layer): ``get`` gives ``[B, heads, W, D]`` (fp32), oldest first.
+
+    Stored as rings, ``buf [slots, layers, heads, W, D]`` with the counts in numpy: a decode step's push, once per
+    sparse layer and step, writes one query and shifts nothing (a shifted window cost a few small torch ops a layer);
+    the oldest-first order is made only when a forecast reads the window (every ``refresh`` steps)."""
 
     def __init__(self, slots: int, layers: int, heads: int, window: int, dim: int):
         self.buf = torch.zeros(slots, layers, heads, window, dim)
-        self.count = torch.zeros(slots, layers, dtype=torch.int64)
+        self.count = np.zeros((slots, layers), dtype=np.int64)      # queries pushed since the reset
         self.window = window
 
     def reset(self, lo: int, hi: int) -> None:
@@ -33,15 +38,24 @@ class QueryWindows:
 
     def push(self, li: int, lo: int, hi: int, q: torch.Tensor) -> None:
         """Append queries ``[B, H, L, D]`` (L newest steps) for layer index ``li`` of rows ``[lo, hi)``."""
-        w = self.buf[lo:hi, li]
         n = min(q.shape[2], self.window)
-        if n < self.window:
-            w[:, :, :-n] = w[:, :, n:].clone()
-        w[:, :, -n:] = q[:, :, -n:].float()
-        self.count[lo:hi, li] += n
+        count = self.count[lo:hi, li]
+        if n == 1 and hi - lo == 1:                       # a decode step of one row: one copy
+            self.buf[lo, li, :, int(count[0]) % self.window] = q[0, :, -1]
+        else:
+            at = torch.from_numpy((count[:, None] + np.arange(n)) % self.window)         # [B, n] ring slots
+            rows = torch.arange(lo, hi)[:, None].expand_as(at)
+            self.buf[rows, li, :, at] = q[:, :, -n:].float().permute(0, 2, 1, 3)         # [B, n, H, D]
+        count += n
 
     def get(self, li: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.buf[lo:hi, li], self.count[lo:hi, li].clamp(max=self.window)
+        """The windows of rows ``[lo, hi)`` oldest first (never-written entries, zeros, before the oldest query) and
+        how many queries each holds."""
+        count = self.count[lo:hi, li]
+        order = torch.from_numpy((count[:, None] + np.arange(self.window)) % self.window)   # [B, W]
+        w = self.buf[lo:hi, li]
+        w = torch.gather(w, 2, order[:, None, :, None].expand(-1, w.shape[1], -1, w.shape[3]))
+        return w, torch.from_numpy(np.minimum(count, self.window))
 
 
 def _ar_index(window: int, order: int) -> tuple[torch.Tensor, torch.Tensor]:

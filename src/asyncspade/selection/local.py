@@ -6,6 +6,7 @@ distributed cache rank each run one over their data, so they select exactly the 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import SparseConfig
@@ -28,8 +29,9 @@ class SyncSelector:
         if plan.temporal:
             self.windows = QueryWindows(s, n, num_heads, cfg.window, store.head_dim)
             self.ahead = torch.zeros(s, n, kvh, plan.ahead_width, dtype=torch.int64)
-            self.ahead_len = torch.full((s, n), -1, dtype=torch.int64)     # cache length each was made for
-            self.made = torch.full((s, n), -1, dtype=torch.int64)          # ... and when it was last computed
+            # per (slot, layer), in numpy (read and written once per sparse layer and step: cheaper than torch ops)
+            self.ahead_len = np.full((s, n), -1, dtype=np.int64)     # the cache length each was made for ...
+            self.made = np.full((s, n), -1, dtype=np.int64)          # ... and when it was last computed
         if plan.xlayer:
             self.chosen = torch.zeros(s, n, kvh, plan.result_width, dtype=torch.int64)
         self.forecast_q = torch.zeros(n, s, num_heads, store.head_dim)  # the query each latest selection used
@@ -52,18 +54,18 @@ class SyncSelector:
             self.windows.push(li, batch.lo, batch.hi, q)
             return
         rows = slice(batch.lo, batch.hi)
-        made = self.made[rows, li]
-        if self.plan.refresh > 1 and bool(((made >= 0) & (batch.lengths + 1 - made < self.plan.refresh)).all()):
+        made, next_len = self.made[rows, li], batch.memo("next_len", lambda: batch.lengths.numpy() + 1)
+        if self.plan.refresh > 1 and ((made >= 0) & (next_len - made < self.plan.refresh)).all():
             # every row's candidates (and the positions they reserve for newer tokens) still serve the next step
             self.windows.push(li, batch.lo, batch.hi, q)
-            self.ahead_len[rows, li] = batch.lengths + 1
+            self.ahead_len[rows, li] = next_len
             return
         keys = self.store.k[layer, rows]
         idx, q_hat = temporal_pass(self.plan, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
                                    self.scale, self.store.pages(layer, batch.lo, batch.hi))
         self.ahead[rows, li] = idx
-        self.ahead_len[rows, li] = batch.lengths + 1
-        self.made[rows, li] = batch.lengths + 1
+        self.ahead_len[rows, li] = next_len
+        self.made[rows, li] = next_len
         if not self.plan.xlayer:
             self.forecast_q[li, batch.lo:batch.hi] = q_hat
 
@@ -73,7 +75,7 @@ class SyncSelector:
         cand = cand_ok = None
         if self.plan.temporal:
             cand = self.ahead[batch.lo:batch.hi, li]
-            cand_ok = self.ahead_len[batch.lo:batch.hi, li] == batch.lengths
+            cand_ok = torch.from_numpy(self.ahead_len[batch.lo:batch.hi, li] == batch.lengths.numpy())
         keys = self.store.k[layer, batch.lo:batch.hi]
         self.chosen[batch.lo:batch.hi, li] = xlayer_pass(self.plan, q_x, keys, batch.lengths, self.scale, cand,
                                                          cand_ok)
