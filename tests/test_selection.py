@@ -369,17 +369,38 @@ def test_candidate_keys_are_the_candidates_keys_and_follow_new_lists():
 
     got = ck.get(2, batch, cand)
     ok = (cand >= 0)[..., None]
-    assert torch.equal(torch.where(ok, got, 0), torch.where(ok, expected(cand), 0)) and ck.gathers == 2
-    assert torch.equal(ck.get(2, batch, cand), got) and ck.gathers == 2    # same lists: nothing gathered
+    assert torch.equal(torch.where(ok, got, 0), torch.where(ok, expected(cand), 0)) and ck.gathers == 23
+    assert torch.equal(ck.get(2, batch, cand), got) and ck.gathers == 23   # same lists: nothing gathered
     new = cand.clone()
-    new[1, 0, 0] = 39 if int(cand[1, 0, 0]) != 39 else 38               # row 1's list changes ...
+    new[1, 0, 0] = 39 if int(cand[1, 0, 0]) != 39 else 38               # one entry of row 1's list changes ...
     got = ck.get(2, batch, new)
-    assert ck.gathers == 3 and torch.equal(got[1], expected(new)[1])        # ... only row 1 is gathered again
+    assert ck.gathers == 24 and torch.equal(got[1], expected(new)[1])       # ... only its key is gathered again
     late = new.clone()
     late[0, 0, 0] = 45                                                     # not written at length 41
     ck.get(2, batch, late)
     ck.get(2, batch, late)
-    assert ck.gathers == 5                                                 # so not held: gathered again
+    assert ck.gathers == 26                                                # so not held: gathered again
+
+
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_gathered_candidates_follow_changing_lists(backend):
+    """Lists of whole pages that change in part from call to call (as refreshed candidate lists do): the buffer
+    always holds every listed key, through both the C kernel and its torch reference."""
+    from asyncspade.selection.candidate_keys import CandidateKeys
+    store = KVStore(num_layers=2, slots=2, kv_heads=3, max_tokens=256, head_dim=16, dtype=torch.bfloat16)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(3)))
+    ck = CandidateKeys(store, sparse_layers=[1], width=40)
+    batch = Batch(lo=0, hi=2, start=torch.tensor([200, 150]), q_len=1)
+    g = torch.Generator().manual_seed(4)
+    with kernels.torch_only() if backend == "torch" else contextlib.nullcontext():
+        for _ in range(12):
+            pages = torch.stack([torch.stack([torch.randperm(12, generator=g)[:9] for _ in range(3)]) for _ in range(2)])
+            cand = (pages.sort(-1).values[..., None] * 4 + torch.arange(4)).flatten(2)[..., :36]      # [2, 3, 36]
+            cand = torch.cat([cand, torch.full((2, 3, 4), -1)], -1)
+            cand[0, 1, 5:9] = -1                                              # a page tail past the end
+            got = ck.get(1, batch, cand)
+            ok = (cand >= 0)[..., None]
+            assert torch.equal(torch.where(ok, got, 0), torch.where(ok, gather_rows(store.k[1, 0:2], cand.clamp(min=0)), 0))
 
 
 def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):

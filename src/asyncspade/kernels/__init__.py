@@ -40,9 +40,12 @@ SIGNATURES = {
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
     "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
+    "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _I],
     "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "layer_post": [_P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _I, _I],
 }
+
+RESTYPES = {"gather_candidates": ctypes.c_int64}        # the rest return nothing
 
 # positions per attention work item: fixed, so results do not depend on the thread count (the reduction order
 # is the same with 1 or 2 threads, and a server decoding beside its worker returns what a test process gets)
@@ -111,7 +114,7 @@ def load():
         return None
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, RESTYPES.get(name)
     _lib = lib
     return _lib
 
@@ -370,6 +373,21 @@ def page_append(k: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, start: 
     b, kvh, _, d = k.shape
     start = start.contiguous()
     _lib.page_append(_ptr(k), _ptr(pmin), _ptr(pmax), _bf(k), sb, sh, pb, ph, _ptr(start), b, kvh, d, page_size)
+
+
+def gather_candidates(k: torch.Tensor, cand: torch.Tensor, held: torch.Tensor, lengths: torch.Tensor,
+                      out: torch.Tensor) -> int:
+    """Keep ``out [B, KVH, W, D]`` holding the keys of the positions ``cand [B, KVH, W]`` (< 0: none) in ``k [B, KVH,
+    T, D]``: entries whose ``held`` differs from ``cand`` are copied and ``held`` updated (in place) to the position,
+    or to -3 where it is not written yet (>= ``lengths[b]``: copied again next time). Returns the rows copied."""
+    if not _use_c(k, out):
+        return reference.gather_candidates(k, cand, held, lengths, out)
+    assert out.is_contiguous() and held.is_contiguous() and out.dtype == k.dtype and k.stride(3) == 1
+    sb, sh = _store_strides(k)
+    b, kvh, w = cand.shape
+    cand, lengths = cand.contiguous(), lengths.contiguous()
+    return _lib.gather_candidates(_ptr(k), sb, sh, k.element_size(), _ptr(cand), _ptr(held), _ptr(lengths),
+                                  _ptr(out), b, kvh, w, k.shape[3], _threads())
 
 
 class _Lin(ctypes.Structure):

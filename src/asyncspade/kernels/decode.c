@@ -1116,6 +1116,45 @@ void silu_mul(const void *gu, int in_bf16, void *out, int out_bf16, int N, int I
     }
 }
 
+/* The refinement's candidate keys, kept gathered (selection/candidate_keys.py): for every entry j of the lists
+ * cand [B, KVH, W] (positions, < 0 for none) that the buffer does not hold (held[j] != cand[j]), copy the key row
+ * at cand[j] of row b's head h (k: the layer's [B, KVH, T, D] view, strides sb, sh in elements, rows of D
+ * elements of ``esize`` bytes) to dst [B, KVH, W, D] (contiguous) and record held[j] = cand[j], or -3 where the
+ * position is not written yet (cand[j] >= len[b]: copied again next time). Positions in a list come in whole pages:
+ * consecutive rows are copied as one run, and the next run is prefetched while this one is copied (runs lie at
+ * random places in the cache: each is a fresh memory latency). Returns the key rows copied. */
+int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, const int64_t *cand, int64_t *held,
+                          const int64_t *len, void *dst, int B, int KVH, int64_t W, int D, int nthreads) {
+    const int64_t PIECE = 512;                   /* entries per work item */
+    int64_t pieces = (W + PIECE - 1) / PIECE, copied = 0, row = (int64_t)D * esize;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : copied)
+    for (int64_t it = 0; it < (int64_t)B * KVH * pieces; it++) {
+        int64_t bh = it / pieces, j0 = it % pieces * PIECE, j1 = j0 + PIECE < W ? j0 + PIECE : W;
+        int b = (int)(bh / KVH), h = (int)(bh % KVH);
+        const int64_t *c = cand + bh * W;
+        int64_t *hd = held + bh * W;
+        const char *src = (const char *)k + (b * sb + h * sh) * esize;
+        char *out = (char *)dst + bh * W * row;
+        for (int64_t j = j0; j < j1;) {
+            if (hd[j] == c[j] || c[j] < 0) { hd[j] = c[j]; j++; continue; }
+            int64_t e = j + 1;
+            while (e < j1 && c[e] == c[e - 1] + 1 && hd[e] != c[e]) e++;
+            int64_t f = e;                       /* the next run to copy: ask for its lines now */
+            while (f < j1 && (hd[f] == c[f] || c[f] < 0)) f++;
+            if (f < j1) {
+                int64_t g = f + 1;
+                while (g < j1 && g - f < 32 && c[g] == c[g - 1] + 1) g++;
+                for (int64_t x = 0; x < (g - f) * row; x += 64) __builtin_prefetch(src + c[f] * row + x, 0, 3);
+            }
+            memcpy(out + j * row, src + c[j] * row, (size_t)((e - j) * row));
+            for (int64_t x = j; x < e; x++) hd[x] = c[x] < len[b] ? c[x] : -3;
+            copied += e - j;
+            j = e;
+        }
+    }
+    return copied;
+}
+
 /* Quest page bounds after a decode write: row b wrote the key at position start[b]; page start[b] / page of each
  * KV head takes that key as its min and max when it is the page's first token, else folds it in. k: the layer's
  * [B, KVH, T, D] view (strides sb, sh); pmin/pmax: [B, KVH, pages, D] views (strides pb, ph), same dtype as k. */

@@ -181,3 +181,14 @@ def linear_i4(x, w4, sm) -> torch.Tensor:
     smf = sm.double()
     y = (dots * smf[None, :, :, 0] * (amax / Q16).double()[:, None, :]).sum(-1)
     return (y + (xg.double().sum(-1)[:, None, :] * smf[None, :, :, 1]).sum(-1)).float()
+
+
+def gather_candidates(k, cand, held, lengths, out) -> int:
+    stale = (held != cand) & (cand >= 0)
+    rows = stale.sum().item()
+    if rows:
+        b, h, j = stale.nonzero(as_tuple=True)
+        out[b, h, j] = k[b, h, cand[b, h, j].to(k.device)]
+    written = cand < lengths.view(-1, 1, 1).to(cand.device)
+    held.copy_(torch.where(stale & ~written, -3, cand))
+    return rows

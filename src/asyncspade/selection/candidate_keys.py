@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..kvcache import Batch, KVStore
 
 
@@ -21,8 +22,7 @@ class CandidateKeys:
         n, s, kvh, d = len(sparse_layers), store.slots, store.kv_heads, store.head_dim
         self.keys = torch.zeros(n, s, kvh, width, d, dtype=store.dtype, device=store.device)
         self.held = torch.full((n, s, kvh, width), -2, dtype=torch.int64)   # the positions each buffer holds
-        self._heads = torch.arange(kvh, device=store.device)[:, None] * store.max_tokens
-        self.gathers = 0         # rows gathered (tests, diagnostics)
+        self.gathers = 0         # key rows gathered (tests, diagnostics)
 
     def get(self, layer: int, batch: Batch, cand: torch.Tensor) -> torch.Tensor | None:
         """The keys of candidates ``cand [B, KVH, width]`` (positions; -1 for none) of the batch's rows, as
@@ -31,15 +31,7 @@ class CandidateKeys:
         if cand.shape[-1] != self.held.shape[-1]:
             return None
         li = self.li[layer]
-        held = self.held[li, batch.lo:batch.hi]
-        if not torch.equal(held, cand):              # a new list for some row (once per refresh steps)
-            stale = (held != cand).flatten(1).any(1)
-            for b in stale.nonzero().flatten().tolist():
-                slot = batch.lo + b
-                c = cand[b]
-                src = self.store.k[layer, slot].view(-1, self.store.head_dim)             # [KVH * T, D]
-                flat = (c.clamp(min=0).to(src.device) + self._heads).view(-1)
-                torch.index_select(src, 0, flat, out=self.keys[li, slot].view(-1, self.store.head_dim))
-                held[b] = torch.where(c < int(batch.lengths[b]), c, -3)                  # unwritten: not held
-                self.gathers += 1
+        self.gathers += kernels.gather_candidates(self.store.k[layer, batch.lo:batch.hi], cand,
+                                                  self.held[li, batch.lo:batch.hi], batch.lengths,
+                                                  self.keys[li, batch.lo:batch.hi])
         return self.keys[li, batch.lo:batch.hi]
