@@ -373,7 +373,9 @@ def test_kv_store_asks_for_huge_pages():
     thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("no transparent huge pages on this machine")
-    store = KVStore(num_layers=2, slots=1, kv_heads=2, max_tokens=32768, head_dim=64, dtype=torch.bfloat16)
+    # 64 MiB a tensor: above glibc's largest mmap threshold (32 MiB), so fresh memory, as a real store's GBs are
+    # (a smaller one may reuse heap pages an earlier test touched, which keep their 4 KiB pages)
+    store = KVStore(num_layers=4, slots=1, kv_heads=2, max_tokens=65536, head_dim=64, dtype=torch.bfloat16)
     inside = [-(-t.data_ptr() // (2 << 20)) * (2 << 20) for t in (store.k, store.v)]     # first 2 MiB boundary
     assert _huge_kib(inside[0]) > 0 and _huge_kib(inside[1]) > 0
 
@@ -404,6 +406,11 @@ def test_candidate_keys_are_the_candidates_keys_and_follow_new_lists():
     ck.get(2, batch, late)
     ck.get(2, batch, late)
     assert ck.gathers == 26                                                # so not held: gathered again
+    store.k.copy_(torch.randn(store.k.shape, generator=g))                # new sequences in the same slots ...
+    ck.reset(1, 3)
+    got = ck.get(2, batch, late)                                           # ... same positions, their keys
+    ok = ((late >= 0) & (late < 41))[..., None]
+    assert torch.equal(torch.where(ok, got, 0), torch.where(ok, expected(late), 0))
 
 
 @pytest.mark.parametrize("backend", ["c", "torch"])

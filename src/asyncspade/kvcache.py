@@ -48,7 +48,9 @@ MADV_HUGEPAGE = 14
 def _huge_pages(t: torch.Tensor) -> None:
     """Ask Linux to back the (not yet touched) memory of ``t`` with 2 MiB pages where it only does so on request
     (transparent huge pages in ``madvise`` mode, the common default). A sparse step reads K/V rows at random
-    positions over a multi-GB store: on 4 KiB pages nearly every row also misses the TLB. No-op elsewhere."""
+    positions over a multi-GB store: on 4 KiB pages nearly every row also misses the TLB. Memory already touched
+    keeps its pages, so this serves fresh mappings (allocations above glibc's mmap threshold, 32 MiB at most, as
+    every real store is). No-op elsewhere."""
     if sys.platform != "linux" or not t.is_cpu or t.numel() * t.element_size() < 4 * HUGE_PAGE:
         return
     start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE

@@ -123,6 +123,8 @@ class SparseRuntime:
     def begin_sequence(self, lo: int, hi: int) -> None:
         if self.selector is not None:
             self.selector.reset(lo, hi)
+        if self.candidate_keys is not None:       # the slots' keys are another sequence's from now on
+            self.candidate_keys.reset(lo, hi)
 
     def observe_prefill(self, layer: int, query: torch.Tensor) -> None:
         """The prefill queries ``[B, H, L, D]`` of ``layer``: the final chunk's feed the ahead selections."""

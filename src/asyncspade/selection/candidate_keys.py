@@ -24,6 +24,10 @@ class CandidateKeys:
         self.held = torch.full((n, s, kvh, width), -2, dtype=torch.int64)   # the positions each buffer holds
         self.gathers = 0         # key rows gathered (tests, diagnostics)
 
+    def reset(self, lo: int, hi: int) -> None:
+        """Slots ``[lo, hi)`` take a new sequence: what their buffers hold are the previous one's keys."""
+        self.held[:, lo:hi] = -2
+
     def get(self, layer: int, batch: Batch, cand: torch.Tensor) -> torch.Tensor | None:
         """The keys of candidates ``cand [B, KVH, width]`` (positions; -1 for none) of the batch's rows, as
         ``[B, KVH, width, D]``: row j of a head is the key at ``cand[..., j]`` (or anything, where it is -1).
