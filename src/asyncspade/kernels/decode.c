@@ -692,9 +692,25 @@ static inline uint32_t order_key(float f) {        /* unsigned keys in the float
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-/* The key of the k-th largest of keys[0..n) (1 <= k <= n) by radix selection, 11 + 11 + 10 bits: every loop is
- * branch-free in the data (a quickselect mispredicts on fresh scores, 5-7x slower than on data it has seen). */
+/* The key of the k-th largest of keys[0..n) (1 <= k <= n), with every loop branch-free in the data (a quickselect
+ * mispredicts on fresh scores, 5-7x slower than on data it has seen): a bitwise search with vector counts, or
+ * without AVX-512 a radix selection, 11 + 11 + 10 bits. */
 static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k) {
+#ifdef __AVX512F__
+    /* the largest t with #{keys >= t} >= k, one bit at a time from the top; each count is a vector compare and a
+     * popcount per 16 keys (32 passes over keys in L1: the top-k of 4K scores 0.67-0.72x the radix's time) */
+    uint32_t t = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        uint32_t c = t | (1u << bit);
+        __m512i vc = _mm512_set1_epi32((int)c);
+        int64_t cnt = 0, j = 0;
+        for (; j + 16 <= n; j += 16)
+            cnt += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + j), vc));
+        for (; j < n; j++) cnt += keys[j] >= c;
+        if (cnt >= k) t = c;
+    }
+    return t;
+#else
     static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
     uint32_t prefix = 0, mask = 0;
     int64_t want = k;
@@ -709,6 +725,7 @@ static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k) {
         mask |= bmask << shift[pass];
     }
     return prefix;
+#endif
 }
 
 static int cmp_i64(const void *a, const void *b) {
