@@ -1140,6 +1140,10 @@ void silu_mul(const void *gu, int in_bf16, void *out, int out_bf16, int N, int I
  * position is not written yet (cand[j] >= len[b]: copied again next time). Positions in a list come in whole pages:
  * consecutive rows are copied as one run, and the next run is prefetched while this one is copied (runs lie at
  * random places in the cache: each is a fresh memory latency). Returns the key rows copied. */
+static inline int stale_entry(const int64_t *held, const int64_t *cand, int64_t j) {   /* a key to copy */
+    return cand[j] >= 0 && held[j] != cand[j];
+}
+
 int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, const int64_t *cand, int64_t *held,
                           const int64_t *len, void *dst, int B, int KVH, int64_t W, int D, int nthreads) {
     const int64_t PIECE = 512;                   /* entries per work item */
@@ -1153,11 +1157,11 @@ int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, cons
         const char *src = (const char *)k + (b * sb + h * sh) * esize;
         char *out = (char *)dst + bh * W * row;
         for (int64_t j = j0; j < j1;) {
-            if (hd[j] == c[j] || c[j] < 0) { hd[j] = c[j]; j++; continue; }
+            if (!stale_entry(hd, c, j)) { hd[j] = c[j]; j++; continue; }
             int64_t e = j + 1;
-            while (e < j1 && c[e] == c[e - 1] + 1 && hd[e] != c[e]) e++;
+            while (e < j1 && c[e] == c[e - 1] + 1 && stale_entry(hd, c, e)) e++;
             int64_t f = e;                       /* the next run to copy: ask for its lines now */
-            while (f < j1 && (hd[f] == c[f] || c[f] < 0)) f++;
+            while (f < j1 && !stale_entry(hd, c, f)) f++;
             if (f < j1) {
                 int64_t g = f + 1;
                 while (g < j1 && g - f < 32 && c[g] == c[g - 1] + 1) g++;
