@@ -97,6 +97,13 @@ def test_topk_matches_reference_and_breaks_ties_low():
     assert torch.equal(K.topk(s, 40, idx=idx), R.topk(s, 40, idx=idx))
     assert torch.equal(K.topk(s, 8, lo=2, expand=16), R.topk(s, 8, lo=2, expand=16))
     assert torch.equal(K.topk(s[..., :3], 5), R.topk(s[..., :3], 5))              # fewer candidates than k
+    # a candidate list of pages: tokens at or past hi are -1, then the positions reserved from hi on (capped)
+    hi = torch.tensor([70, 7990])
+    got = K.topk(s, 8, lo=2, expand=16, hi=hi, gap=3, limit=7992)
+    assert torch.equal(got, R.topk(s, 8, lo=2, expand=16, hi=hi, gap=3, limit=7992))
+    plain = K.topk(s, 8, lo=2, expand=16)
+    assert torch.equal(got[..., :128], torch.where(plain < hi.view(-1, 1, 1), plain, -1))
+    assert got[0, 0, 128:].tolist() == [70, 71, 72] and got[1, 2, 128:].tolist() == [7990, 7991, 7991]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

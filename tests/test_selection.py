@@ -412,6 +412,34 @@ def test_candidate_keys_are_the_candidates_keys_and_follow_new_lists():
 
 
 @pytest.mark.parametrize("backend", ["c", "torch"])
+def test_candidate_keys_skip_a_list_held_whole_but_not_one_with_unwritten_entries(backend):
+    """With the selector's list generation, a list already held whole is not compared again; a list with a position
+    not written yet is not held whole, so once the position is written its key is gathered under the same
+    generation (the refreshed list's reserved newest positions)."""
+    from asyncspade.selection.candidate_keys import CandidateKeys
+    store = KVStore(num_layers=2, slots=2, kv_heads=2, max_tokens=64, head_dim=8, dtype=torch.bfloat16)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(5)))
+    ck = CandidateKeys(store, sparse_layers=[1], width=5)
+    cand = torch.tensor([[[3, 9, 10, 11, 40], [1, 2, 5, 30, 40]], [[0, 7, 8, 20, 21], [4, 6, 12, 13, 14]]])
+    gen = np.array([41, 30])
+    with kernels.torch_only() if backend == "torch" else contextlib.nullcontext():
+        ck.get(1, Batch(lo=0, hi=2, start=torch.tensor([39, 29]), q_len=1), cand, gen)   # row 0: 40 not written
+        assert ck.gathers == 20
+        got = ck.get(1, Batch(lo=0, hi=2, start=torch.tensor([40, 30]), q_len=1), cand, gen)
+        assert ck.gathers == 22                                   # position 40 (both heads) written now: gathered
+        assert torch.equal(got, gather_rows(store.k[1, 0:2], cand))
+        other = cand.clone()
+        other[1, 1, 0] = 3                                        # not a new generation: trusted to be the same list
+        ck.get(1, Batch(lo=0, hi=2, start=torch.tensor([41, 31]), q_len=1), other, gen)
+        assert ck.gathers == 22
+        ck.get(1, Batch(lo=0, hi=2, start=torch.tensor([41, 31]), q_len=1), other, gen + 1)
+        assert ck.gathers == 23                                   # a new generation: compared, the one change copied
+        ck.reset(0, 2)
+        ck.get(1, Batch(lo=0, hi=2, start=torch.tensor([41, 31]), q_len=1), other, gen + 1)
+        assert ck.gathers == 43                                   # a new sequence: everything again
+
+
+@pytest.mark.parametrize("backend", ["c", "torch"])
 def test_gathered_candidates_follow_changing_lists(backend):
     """Lists of whole pages that change in part from call to call (as refreshed candidate lists do): the buffer
     always holds every listed key, through both the C kernel and its torch reference."""

@@ -140,7 +140,7 @@ class SparseRuntime:
         if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
             if sel is not None and sel.candidates:       # the true query picks the exact top-k in-line
-                keys = self.candidate_keys.get(layer, batch, sel.idx)
+                keys = self.candidate_keys.get(layer, batch, sel.idx, self.selector.generation(layer, batch))
                 gathered = keys is not None
                 if not gathered:
                     keys = self.store.k[layer, batch.lo:batch.hi]

@@ -31,7 +31,7 @@ SIGNATURES = {
     "attend": [_P, _P, _P, _I, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I, _I, _I, _I, _I,
                _F, _I64, _I],
     "score": [_P, _P, _P, _I, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I, _I, _I, _I, _F, _I, _I, _I],
-    "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I, _I, _I],
+    "topk": [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _I, _I, _I],
     "ridge_forecast": [_P, _P, _I64, _I, _I, _I, _F, _P, _I],
     "linear_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
     "linear_i4": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
@@ -40,7 +40,7 @@ SIGNATURES = {
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
     "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
-    "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _I],
+    "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _P, _I],
     "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
     "layer_post": [_P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _I, _I],
 }
@@ -242,21 +242,29 @@ def score(q: torch.Tensor, k: torch.Tensor, scale: float, lo: int = 0, hi: torch
     return out
 
 
-def topk(scores: torch.Tensor, k: int, idx: torch.Tensor | None = None, lo: int = 0, expand: int = 1) -> torch.Tensor:
+def topk(scores: torch.Tensor, k: int, idx: torch.Tensor | None = None, lo: int = 0, expand: int = 1,
+         hi: torch.Tensor | None = None, gap: int = 0, limit: int = 0) -> torch.Tensor:
     """Positions of the ``k`` best candidates per (row, KV head), ascending: ``[B, KVH, k * expand]`` int64.
 
     Candidate j of ``scores [B, KVH, n]`` is at ``idx[b, h, j]`` or ``lo + j``; ties go to the lower j. With
     ``expand`` each pick p stands for ``[p * expand, (p + 1) * expand)`` (pages -> tokens). Fewer than k candidates:
-    the last pick repeats (callers mask what they cannot use)."""
+    the last pick repeats (callers mask what they cannot use). With ``hi [B]``: positions at or past ``hi[b]`` are
+    -1, and ``gap`` more columns follow holding ``hi[b] + j`` capped at ``limit - 1`` (the positions a refreshed
+    candidate list reserves for tokens newer than its picks)."""
     if not _use_c(scores):
-        return reference.topk(scores, k, idx, lo, expand)
+        return reference.topk(scores, k, idx, lo, expand, hi, gap, limit)
     b, kvh, n = scores.shape
     scores = scores.contiguous()
     if idx is not None:
         idx = idx.contiguous()
-    out = torch.empty(b, kvh, k * expand, dtype=torch.int64)
+    if hi is not None:
+        hi = hi.contiguous()
+    else:
+        assert gap == 0, "the reserved positions follow hi"
+    out = torch.empty(b, kvh, k * expand + gap, dtype=torch.int64)
     _lib.topk(_ptr(scores), n, k, _ptr(idx), idx.stride(0) if idx is not None else 0,
-              idx.stride(1) if idx is not None else 0, lo, expand, _ptr(out), b, kvh, _threads())
+              idx.stride(1) if idx is not None else 0, lo, expand, _ptr(hi), gap, limit, _ptr(out), b, kvh,
+              _threads())
     return out
 
 
@@ -376,18 +384,21 @@ def page_append(k: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, start: 
 
 
 def gather_candidates(k: torch.Tensor, cand: torch.Tensor, held: torch.Tensor, lengths: torch.Tensor,
-                      out: torch.Tensor) -> int:
+                      out: torch.Tensor) -> tuple[int, int]:
     """Keep ``out [B, KVH, W, D]`` holding the keys of the positions ``cand [B, KVH, W]`` (< 0: none) in ``k [B, KVH,
     T, D]``: entries whose ``held`` differs from ``cand`` are copied and ``held`` updated (in place) to the position,
-    or to -3 where it is not written yet (>= ``lengths[b]``: copied again next time). Returns the rows copied."""
+    or to -3 where it is not written yet (>= ``lengths[b]``: copied again next time). Returns the rows copied and how
+    many of them are not written yet (0: ``out`` now holds every candidate's key)."""
     if not _use_c(k, out):
         return reference.gather_candidates(k, cand, held, lengths, out)
     assert out.is_contiguous() and held.is_contiguous() and out.dtype == k.dtype and k.stride(3) == 1
     sb, sh = _store_strides(k)
     b, kvh, w = cand.shape
     cand, lengths = cand.contiguous(), lengths.contiguous()
-    return _lib.gather_candidates(_ptr(k), sb, sh, k.element_size(), _ptr(cand), _ptr(held), _ptr(lengths),
-                                  _ptr(out), b, kvh, w, k.shape[3], _threads())
+    pending = ctypes.c_int64(0)
+    copied = _lib.gather_candidates(_ptr(k), sb, sh, k.element_size(), _ptr(cand), _ptr(held), _ptr(lengths),
+                                    _ptr(out), b, kvh, w, k.shape[3], ctypes.byref(pending), _threads())
+    return copied, pending.value
 
 
 class _Lin(ctypes.Structure):

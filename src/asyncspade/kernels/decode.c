@@ -187,6 +187,55 @@ DEF_DOTS(dots_g2_d128, 2, 8)
 DEF_DOTS(dots_g3_d128, 3, 8)
 DEF_DOTS(dots_g4_d128, 4, 8)
 
+/* Quest's page bound for all G query heads at once, G and D known at compile time: each page's min/max rows are
+ * converted once, and max(q mn, q mx) = q+ mx + q- mn (mx >= mn) is two FMAs per 16 channels. */
+#define DEF_BOUND_DOTS(NAME, GG, DVV)                                                                           \
+static inline __attribute__((always_inline)) void NAME(const float *q, const void *mn, const void *mx, int bf,  \
+                                                      const int64_t *rowoff, int nb, float *s) {               \
+    enum { G = GG, DV = DVV, D = 16 * DVV };                                                                   \
+    __m512 qp[G][DV], qn[G][DV], part[G][BLOCK];                                                               \
+    for (int g = 0; g < G; g++)                                                                                \
+        for (int v = 0; v < DV; v++) {                                                                         \
+            __m512 x = _mm512_loadu_ps(q + g * D + 16 * v);                                                    \
+            qp[g][v] = _mm512_max_ps(x, _mm512_setzero_ps());                                                  \
+            qn[g][v] = _mm512_min_ps(x, _mm512_setzero_ps());                                                  \
+        }                                                                                                      \
+    for (int j = 0; j < BLOCK; j++) {                                                                          \
+        if (j >= nb) { for (int g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps(); continue; }                \
+        __m512 lo[DV], hi[DV];                                                                                 \
+        for (int v = 0; v < DV; v++) {                                                                         \
+            lo[v] = ld16(mn, bf, rowoff[j] + 16 * v);                                                          \
+            hi[v] = ld16(mx, bf, rowoff[j] + 16 * v);                                                          \
+        }                                                                                                      \
+        for (int g = 0; g < G; g++) {                                                                          \
+            __m512 t = _mm512_mul_ps(qp[g][0], hi[0]);                                                         \
+            t = _mm512_fmadd_ps(qn[g][0], lo[0], t);                                                           \
+            for (int v = 1; v < DV; v++)                                                                       \
+                t = _mm512_fmadd_ps(qn[g][v], lo[v], _mm512_fmadd_ps(qp[g][v], hi[v], t));                     \
+            part[g][j] = t;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int g = 0; g < G; g++) _mm512_storeu_ps(s + g * BLOCK, hsum16(part[g]));                              \
+}
+
+DEF_BOUND_DOTS(bound_g1_d64, 1, 4)
+DEF_BOUND_DOTS(bound_g2_d64, 2, 4)
+DEF_BOUND_DOTS(bound_g3_d64, 3, 4)
+DEF_BOUND_DOTS(bound_g4_d64, 4, 4)
+DEF_BOUND_DOTS(bound_g1_d128, 1, 8)
+DEF_BOUND_DOTS(bound_g2_d128, 2, 8)
+DEF_BOUND_DOTS(bound_g3_d128, 3, 8)
+DEF_BOUND_DOTS(bound_g4_d128, 4, 8)
+
+typedef void (*bound_fn)(const float *, const void *, const void *, int, const int64_t *, int, float *);
+
+static bound_fn special_bound(int G, int D) {
+    static const bound_fn d64[4] = {bound_g1_d64, bound_g2_d64, bound_g3_d64, bound_g4_d64};
+    static const bound_fn d128[4] = {bound_g1_d128, bound_g2_d128, bound_g3_d128, bound_g4_d128};
+    if (G < 1 || G > 4) return NULL;
+    return D == 64 ? d64[G - 1] : D == 128 ? d128[G - 1] : NULL;
+}
+
 typedef void (*dots_fn)(const float *, const void *, int, const int64_t *, int, float *);
 
 static dots_fn special_dots(int G, int D) {
@@ -522,8 +571,10 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
  * [lo, hi[b]); out [B, KVH, n] fp32. agg_max: max over the
  * group instead of sum. Masked candidates get -1 (below any probability). With ``k2`` the rows are pages: k holds
  * their channel-wise minima, k2 their maxima, and a page scores Quest's upper bound of q . k over its keys.
- * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores
- * and each chunk's softmax statistics; per (row, head, query head) the merged max and sum; the probabilities. */
+ * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores,
+ * turned into exp(score - the chunk's max) with the chunk's sum; per (row, head, query head) the merged max and sum;
+ * the probabilities, each chunk's exps times one factor (one exp per score, not two). */
+#define SCORE_AHEAD 64
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
                        int64_t *p) {
     *p = pos ? pos[j] : lo + j;
@@ -537,8 +588,9 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
     int vec = vec_ok(D);
 #ifdef __AVX512F__
     dots_fn fast = (vec && !k2) ? special_dots(G, D) : NULL;
+    bound_fn fast_bound = (vec && k2) ? special_bound(G, D) : NULL;
 #endif
-    const int64_t CH = 1024;
+    const int64_t CH = 1024, rowbytes = (int64_t)D * (kv_bf16 ? 2 : 4);
     int64_t nc = (n + CH - 1) / CH;
     int64_t items = (int64_t)B * KVH * nc;
     float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);          /* [B, KVH, G, n] scaled scores */
@@ -569,6 +621,25 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
             for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
                 uint16_t ok = 0;
+#ifdef __AVX512F__
+                if (gathered && pos && !val && hi) {
+                    /* the refinement's case: row j of the buffer is candidate j's key; the positions only decide
+                     * the mask, 8 at a time (a branch per candidate costs as much as its dot products) */
+                    __mmask8 m[2];
+                    for (int h8 = 0; h8 < 2; h8++) {
+                        int left = nb - 8 * h8;
+                        __mmask8 live = (__mmask8)(left >= 8 ? 0xFF : left > 0 ? (1u << left) - 1u : 0);
+                        __m512i p8 = _mm512_maskz_loadu_epi64(live, pos + j0 + 8 * h8);
+                        m[h8] = _mm512_mask_cmpge_epi64_mask(live, p8, _mm512_set1_epi64(lo)) &
+                                _mm512_cmplt_epi64_mask(p8, _mm512_set1_epi64(hi[b]));
+                    }
+                    ok = (uint16_t)(m[0] | (m[1] << 8));
+                    for (int j = 0; j < nb; j++) rowoff[j] = (j0 + j) * D;
+                    if (j0 + BLOCK + SCORE_AHEAD < c1)
+                        for (int64_t x = 0; x < BLOCK * rowbytes; x += 64)
+                            __builtin_prefetch(kb + (j0 + SCORE_AHEAD) * rowbytes + x, 0, 3);
+                } else
+#endif
                 for (int j = 0; j < nb; j++) {
                     int64_t p;
                     int o = cand(pos, val, lo, hi, b, j0 + j, &p);
@@ -577,6 +648,10 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
                     ok |= (uint16_t)(o << j);
                 }
                 okbits[bh * nblk + j0 / BLOCK] = ok;        /* the last pass masks by these bits */
+#ifdef __AVX512F__
+                if (fast_bound) fast_bound(qh, kb, kb2, kv_bf16, rowoff, nb, blk);
+                else
+#endif
                 if (kb2) bound_dots(qh, kb, kb2, kv_bf16, rowoff, nb, G, D, blk);
                 else
 #ifdef __AVX512F__
@@ -605,19 +680,21 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
 #ifdef __AVX512F__
             for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
 #endif
-            for (int g = 0; g < G; g++) {
-                float mx = st[2 * g], acc = 0.f;
-                if (mx == -INFINITY) continue;
+            for (int g = 0; g < G; g++) {          /* scores -> exp(score - chunk max), summed (0 where masked) */
+                float mx = st[2 * g], acc = 0.f, *e = sbh + g * n;
                 int64_t j = c * CH;
+                if (mx == -INFINITY) { memset(e + j, 0, sizeof(float) * (size_t)(c1 - j)); continue; }
 #ifdef __AVX512F__
                 __m512 va = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
                 for (; j + 16 <= c1; j += 16) {
-                    __m512 x = _mm512_loadu_ps(sbh + g * n + j);
-                    va = _mm512_add_ps(va, exp512(_mm512_sub_ps(x, vm), _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ)));
+                    __m512 x = _mm512_loadu_ps(e + j);
+                    x = exp512(_mm512_sub_ps(x, vm), _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ));
+                    _mm512_storeu_ps(e + j, x);
+                    va = _mm512_add_ps(va, x);
                 }
                 acc = _mm512_reduce_add_ps(va);
 #endif
-                for (; j < c1; j++) acc += expf(sbh[g * n + j] - mx);
+                for (; j < c1; j++) { e[j] = e[j] == -INFINITY ? 0.f : expf(e[j] - mx); acc += e[j]; }
                 st[2 * g + 1] = acc;
             }
         }
@@ -636,43 +713,36 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
             glob[bhg * 2 + 1] = sum;
         }
         #pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) {
+        for (int64_t it = 0; it < items; it++) {       /* probability = exp(score - chunk max) * this factor */
             int64_t bh = it / nc, c = it % nc;
-            const float *sbh = s + bh * G * n;
-            float *o = out + bh * n;
+            const float *sbh = s + bh * G * n, *st = stat + it * G * 2;
+            float *o = out + bh * n, f[MAXG];
+            int live = 0;                               /* some head has a distribution: a candidate can score */
+            for (int g = 0; g < G; g++) {
+                float gmx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
+                live |= sum > 0.f;
+                f[g] = sum > 0.f && st[2 * g] != -INFINITY ? expf(st[2 * g] - gmx) / sum : 0.f;
+            }
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
             int64_t j = c * CH;
 #ifdef __AVX512F__
-            __m512 ninf = _mm512_set1_ps(-INFINITY);
             for (; j + 16 <= c1; j += 16) {
                 __m512 a = _mm512_setzero_ps();
-                __mmask16 any = 0;
                 for (int g = 0; g < G; g++) {
-                    float mx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
-                    if (sum <= 0.f) continue;
-                    __m512 x = _mm512_loadu_ps(sbh + g * n + j);
-                    __mmask16 bad = _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ);
-                    __m512 pr = _mm512_mul_ps(exp512(_mm512_sub_ps(x, _mm512_set1_ps(mx)), bad),
-                                              _mm512_set1_ps(1.f / sum));
+                    __m512 pr = _mm512_mul_ps(_mm512_loadu_ps(sbh + g * n + j), _mm512_set1_ps(f[g]));
                     a = agg_max ? _mm512_max_ps(a, pr) : _mm512_add_ps(a, pr);
-                    any |= (__mmask16)~bad;
                 }
-                __mmask16 ok = (__mmask16)okbits[bh * nblk + j / BLOCK];
-                _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok & any, a));
+                __mmask16 ok = live ? (__mmask16)okbits[bh * nblk + j / BLOCK] : 0;
+                _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok, a));
             }
 #endif
             for (; j < c1; j++) {
                 float a = 0.f;
-                int any = 0;
                 for (int g = 0; g < G; g++) {
-                    float mx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
-                    float x = sbh[g * n + j];
-                    if (sum <= 0.f || x == -INFINITY) continue;
-                    float pr = expf(x - mx) / sum;
-                    any = 1;
+                    float pr = sbh[g * n + j] * f[g];
                     a = agg_max ? (pr > a ? pr : a) : a + pr;
                 }
-                o[j] = (((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1) && any) ? a : -1.f;
+                o[j] = (live && ((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1)) ? a : -1.f;
             }
         }
     }
@@ -685,7 +755,8 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
 /* The k largest scores of each (row, KV head) -> their positions, ascending. Ties go to the lower candidate index
  * (deterministic). Candidate j is at position idx[b, h, j] (idx non-NULL, strides ib, ih) or lo + j; with
  * expand > 1 each picked position p stands for [p * expand, (p + 1) * expand) (pages -> their tokens).
- * scores [B, KVH, n]; out [B, KVH, k * expand]. */
+ * With hi (per row, may be NULL): positions >= hi[b] become -1, and ``gap`` more columns follow, hi[b] + j capped
+ * at limit - 1 (a candidate list's reserved newest positions). scores [B, KVH, n]; out [B, KVH, k * expand + gap]. */
 static inline uint32_t order_key(float f) {        /* unsigned keys in the floats' order (NaN aside) */
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -734,7 +805,8 @@ static int cmp_i64(const void *a, const void *b) {
 }
 
 void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t ib, int64_t ih, int64_t lo,
-          int64_t expand, int64_t *out, int B, int KVH, int nthreads) {
+          int64_t expand, const int64_t *hi, int64_t gap, int64_t limit, int64_t *out, int B, int KVH,
+          int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t bh = 0; bh < (int64_t)B * KVH; bh++) {
         int b = (int)(bh / KVH), h = (int)(bh % KVH);
@@ -764,10 +836,13 @@ void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t
         }
         free(key);
         if (!sorted) qsort(ix, (size_t)kk, sizeof(int64_t), cmp_i64);   /* candidates not in position order */
-        int64_t *o = out + bh * k * expand;
+        int64_t *o = out + bh * (k * expand + gap);
         for (int64_t j = 0; j < k; j++)
-            for (int64_t e = 0; e < expand; e++)
-                o[j * expand + e] = (j < kk ? ix[j] : ix[kk - 1]) * expand + e;
+            for (int64_t e = 0; e < expand; e++) {
+                int64_t p = (j < kk ? ix[j] : ix[kk - 1]) * expand + e;
+                o[j * expand + e] = hi && p >= hi[b] ? -1 : p;
+            }
+        for (int64_t j = 0; j < gap; j++) o[k * expand + j] = hi[b] + j < limit ? hi[b] + j : limit - 1;
         free(ix);
     }
 }
@@ -1139,16 +1214,18 @@ void silu_mul(const void *gu, int in_bf16, void *out, int out_bf16, int N, int I
  * elements of ``esize`` bytes) to dst [B, KVH, W, D] (contiguous) and record held[j] = cand[j], or -3 where the
  * position is not written yet (cand[j] >= len[b]: copied again next time). Positions in a list come in whole pages:
  * consecutive rows are copied as one run, and the next run is prefetched while this one is copied (runs lie at
- * random places in the cache: each is a fresh memory latency). Returns the key rows copied. */
+ * random places in the cache: each is a fresh memory latency). Returns the key rows copied; ``pending``: how many of
+ * them are not written yet (held -3). */
 static inline int stale_entry(const int64_t *held, const int64_t *cand, int64_t j) {   /* a key to copy */
     return cand[j] >= 0 && held[j] != cand[j];
 }
 
 int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, const int64_t *cand, int64_t *held,
-                          const int64_t *len, void *dst, int B, int KVH, int64_t W, int D, int nthreads) {
+                          const int64_t *len, void *dst, int B, int KVH, int64_t W, int D, int64_t *pending,
+                          int nthreads) {
     const int64_t PIECE = 512;                   /* entries per work item */
-    int64_t pieces = (W + PIECE - 1) / PIECE, copied = 0, row = (int64_t)D * esize;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : copied)
+    int64_t pieces = (W + PIECE - 1) / PIECE, copied = 0, waiting = 0, row = (int64_t)D * esize;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : copied, waiting)
     for (int64_t it = 0; it < (int64_t)B * KVH * pieces; it++) {
         int64_t bh = it / pieces, j0 = it % pieces * PIECE, j1 = j0 + PIECE < W ? j0 + PIECE : W;
         int b = (int)(bh / KVH), h = (int)(bh % KVH);
@@ -1168,11 +1245,12 @@ int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, cons
                 for (int64_t x = 0; x < (g - f) * row; x += 64) __builtin_prefetch(src + c[f] * row + x, 0, 3);
             }
             memcpy(out + j * row, src + c[j] * row, (size_t)((e - j) * row));
-            for (int64_t x = j; x < e; x++) hd[x] = c[x] < len[b] ? c[x] : -3;
+            for (int64_t x = j; x < e; x++) { hd[x] = c[x] < len[b] ? c[x] : -3; waiting += hd[x] == -3; }
             copied += e - j;
             j = e;
         }
     }
+    *pending = waiting;
     return copied;
 }
 

@@ -85,7 +85,7 @@ def score(q, k, scale, lo=0, hi=None, n=None, idx=None, valid=None, aggregate="s
     return agg.masked_fill(~ok, -1.0)
 
 
-def topk(scores, k, idx=None, lo=0, expand=1) -> torch.Tensor:
+def topk(scores, k, idx=None, lo=0, expand=1, hi=None, gap=0, limit=0) -> torch.Tensor:
     b, kvh, n = scores.shape
     kk = min(k, n)
     # stable descending sort: ties keep the lower candidate index first, as the C kernel does
@@ -94,7 +94,12 @@ def topk(scores, k, idx=None, lo=0, expand=1) -> torch.Tensor:
     pos = pos.sort(-1).values
     if kk < k:
         pos = torch.cat([pos, pos[..., -1:].expand(b, kvh, k - kk)], -1)
-    return (pos[..., None] * expand + torch.arange(expand)).flatten(-2)
+    pos = (pos[..., None] * expand + torch.arange(expand)).flatten(-2)
+    if hi is None:
+        return pos
+    pos = torch.where(pos < hi.view(-1, 1, 1), pos, -1)
+    reserved = (hi.view(-1, 1, 1) + torch.arange(gap)).clamp(max=limit - 1).expand(b, kvh, gap)
+    return torch.cat([pos, reserved], -1)
 
 
 def linear_i8(x, w, scale) -> torch.Tensor:
@@ -191,4 +196,4 @@ def gather_candidates(k, cand, held, lengths, out) -> int:
         out[b, h, j] = k[b, h, cand[b, h, j].to(k.device)]
     written = cand < lengths.view(-1, 1, 1).to(cand.device)
     held.copy_(torch.where(stale & ~written, -3, cand))
-    return rows
+    return rows, int((stale & ~written).sum())

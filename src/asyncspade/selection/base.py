@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..kvcache import Batch
@@ -31,6 +32,11 @@ class Selector(Protocol):
     def get(self, layer: int, batch: Batch, q_now: torch.Tensor | None = None) -> torch.Tensor:
         """The selection ``[B, KVH, k]`` for ``layer`` at the current step (``q_now``: the true query, for steps no
         ahead-of-time selection exists for)."""
+
+    def generation(self, layer: int, batch: Batch) -> np.ndarray | None:
+        """Per row of the batch, a number (>= 0) that changes whenever ``get`` starts returning a new candidate list
+        for ``layer`` (the in-line refinement's gathered keys then need no comparison with the list); None where
+        unknown."""
 
     def close(self) -> None:
         """Stop any worker; idempotent."""

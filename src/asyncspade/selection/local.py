@@ -87,6 +87,12 @@ class SyncSelector:
         src = self.chosen if self.plan.xlayer else self.ahead
         return src[batch.lo:batch.hi, self.li[layer]]
 
+    def generation(self, layer: int, batch: Batch) -> np.ndarray | None:
+        """The cache length each row's step-ahead list was made for (a refinement's candidates; -1: none yet)."""
+        if not self.plan.temporal or self.plan.xlayer:
+            return None         # the cross-layer pass makes a new list every step
+        return self.made[batch.lo:batch.hi, self.li[layer]]
+
     def answer(self, xlayer: bool, layer: int, q: torch.Tensor,
                batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A worker's job: run the cross-layer pass (``xlayer``) or the step-ahead pass for ``batch``. Returns

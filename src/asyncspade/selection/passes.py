@@ -19,13 +19,14 @@ from .plan import SelectionPlan
 
 
 def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
-                    n_tokens: int, scale: float) -> torch.Tensor:
+                    n_tokens: int, scale: float, reserve: tuple[int, int] | None = None) -> torch.Tensor:
     """Token positions of the top ``n_tokens // page_size`` pages overlapping ``[sink, hi)`` by the Quest bound of
-    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller."""
+    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller, or with
+    ``reserve = (gap, limit)`` those at or past ``hi`` are -1 and the ``gap`` positions from ``hi`` on follow."""
     ps = cfg.page_size
     n_pages = max(1, n_tokens // ps)
     return topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
-                      min_width=n_pages, expand=ps)
+                      min_width=n_pages, expand=ps, reserve=None if reserve is None else (hi, *reserve))
 
 
 def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
@@ -72,17 +73,10 @@ def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: tor
     cfg = plan.cfg
     n = plan.ahead_width - plan.gap
     b, kvh, t = keys.shape[0], keys.shape[1], keys.shape[2]
-    if n >= int(hi.max()) - cfg.sink:                   # every position is a candidate: nothing to rank
-        cand = torch.arange(cfg.sink, cfg.sink + n).expand(b, kvh, n)
-    elif plan.page_prefilter and pages is not None:
-        cand = page_candidates(cfg, q, pages[0], pages[1], hi, n, scale)
-    else:
-        cand = topk_tokens(q, keys, cfg.sink, hi, n, scale, cfg.aggregate, min_width=n)
-    cand = torch.where(cand < hi.view(-1, 1, 1), cand, -1)
-    if plan.gap:
-        gap = (hi[:, None] + torch.arange(plan.gap))[:, None, :].expand(b, kvh, plan.gap)
-        cand = torch.cat([cand, gap.clamp(max=t - 1)], -1)
-    return cand
+    if plan.page_prefilter and pages is not None and n < int(hi.max()) - cfg.sink:
+        return page_candidates(cfg, q, pages[0], pages[1], hi, n, scale, reserve=(plan.gap, t))
+    # exact scores; or every position when the list holds them all (the scores then only order equals)
+    return topk_tokens(q, keys, cfg.sink, hi, n, scale, cfg.aggregate, min_width=n, reserve=plan.gap)
 
 
 def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
