@@ -460,6 +460,37 @@ def test_gathered_candidates_follow_changing_lists(backend):
             assert torch.equal(torch.where(ok, got, 0), torch.where(ok, gather_rows(store.k[1, 0:2], cand.clamp(min=0)), 0))
 
 
+def test_refresh_passes_are_spread_over_the_steps(monkeypatch):
+    """With refresh r, each layer's step-ahead pass runs once every r steps on its own turn: after the first step
+    (every layer, nothing made yet) a step runs about 1/r of the layers' passes, never all of them, and no layer's
+    candidates get older than r steps."""
+    from asyncspade.selection import local
+    store = KVStore(num_layers=8, slots=1, kv_heads=2, max_tokens=400, head_dim=16, dtype=torch.float32, page_size=4,
+                    track_pages=True)
+    store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(6)))
+    for layer in range(8):
+        store.rebuild_pages(layer, 0, 0, 400)
+    cfg = SparseConfig(method="asyncspade", budget=48, sink=2, recent=8, page_size=4, superset=2, refresh=4,
+                       min_sparse=0)
+    sel = local.SyncSelector(cfg, store, num_heads=4, sparse_layers=list(range(8)), scale=0.25)
+    ran = []
+    real = local.temporal_pass
+    monkeypatch.setattr(local, "temporal_pass", lambda plan, w, li, *a: ran.append(li) or real(plan, w, li, *a))
+    per_step, last = [], {}
+    g = torch.Generator().manual_seed(7)
+    for length in range(200, 224):
+        batch = Batch(lo=0, hi=1, start=torch.tensor([length - 1]), q_len=1)
+        ran.clear()
+        for layer in range(8):
+            sel.on_query(layer, torch.randn(1, 4, 1, 16, generator=g), batch)
+        per_step.append(sorted(ran))
+        for li in ran:
+            last[li] = length
+        assert all(length - last[li] < 4 for li in range(8))          # every list is younger than refresh
+    assert per_step[0] == list(range(8))
+    assert all(len(r) == 2 for r in per_step[1:])                     # 8 layers / refresh 4, every step
+
+
 def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):
     """With fewer candidates than the cache, the in-line pick is a real choice: refined and unrefined asyncspade
     decode differently (the check above is not vacuous), and the refined one's candidates ignore the current

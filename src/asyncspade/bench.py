@@ -207,7 +207,10 @@ def run_sweep(args) -> dict:
                         bar.update()
     out = []
     for r in rows.values():
-        r["tpot_s"] = statistics.median(r.pop("times_s"))
+        times = r.pop("times_s")
+        # TPOT is the mean step (vLLM's definition: what a token costs over a run); the median alone would hide
+        # work done every few steps (the refinement's candidate refresh)
+        r["tpot_s"], r["median_s"], r["max_s"] = statistics.mean(times), statistics.median(times), max(times)
         out.append(r)
     fill_note = f"real prefill of {min(args.fill, max(contexts))} tokens of prose, tiled to each context"
     if bandwidth:
@@ -221,10 +224,12 @@ def run_sweep(args) -> dict:
 
 
 def read_peer(path: str) -> dict:
-    """llama.cpp's TPOT by context from ``scripts/peer_llamacpp.py --json``."""
+    """llama.cpp's TPOT (mean step, as ours; the median where a result lacks its steps) by context from
+    ``scripts/peer_llamacpp.py --json``."""
     try:
         peer = json.loads(open(path).read())
-        rows = {int(r["context"]): r["tpot_ms"]["median"] / 1e3 for r in peer["rows"]}
+        rows = {int(r["context"]): (statistics.mean(r["times_ms"]) if r.get("times_ms") else r["tpot_ms"]["median"])
+                / 1e3 for r in peer["rows"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--peer {path}: not a peer_llamacpp.py JSON result ({e})") from None
     return {"name": f"llama.cpp {peer.get('version', '')}".strip(), "tpot_s": rows,
@@ -256,8 +261,8 @@ def print_table(result: dict) -> None:
     fmt = result.get("formats", {})
     t = Table(title=f"decode TPOT ({result['machine']['cpu']}, {result['machine']['date']}; "
               f"{fmt.get('weights')} weights, {fmt.get('kv_dtype')} KV)")
-    cols = ["context", "batch", "budget", "method", "TPOT ms", "tok/s", "vs full", "vs quest", "vs bound",
-            "sparse %", "sel MB/step"]
+    cols = ["context", "batch", "budget", "method", "TPOT ms", "median ms", "tok/s", "vs full", "vs quest",
+            "vs bound", "sparse %", "sel MB/step"]
     peer, roof = result.get("peer"), result.get("bandwidth")
     if peer:
         cols.append("vs llama.cpp")
@@ -269,7 +274,8 @@ def print_table(result: dict) -> None:
     f = lambda x: "" if x is None else f"{x:.2f}"     # noqa: E731
     for r in ratios(result):
         cells = [str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
-                 f"{r['tpot_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
+                 f"{r['tpot_s'] * 1e3:.1f}", f"{r['median_s'] * 1e3:.1f}" if "median_s" in r else "",
+                 f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
                  f(r["vs_bound"]), "" if r.get("sparse_share") is None else f"{100 * r['sparse_share']:.0f}",
                  f"{r.get('sel_bytes', 0) / 1e6:.1f}" if r["budget"] else ""]
         if peer:
@@ -281,9 +287,10 @@ def print_table(result: dict) -> None:
         t.add_row(*cells)
     if peer:
         for c, tp in sorted(peer["tpot_s"].items()):
-            t.add_row(str(c), "1", "-", peer["name"], f"{tp * 1e3:.1f}", f"{1 / tp:.1f}", *[""] * (len(cols) - 6))
+            t.add_row(str(c), "1", "-", peer["name"], f"{tp * 1e3:.1f}", "", f"{1 / tp:.1f}", *[""] * (len(cols) - 7))
     Console(file=sys.stdout, width=200).print(t)
     print(f"cache: {result['cache']}")
+    print("TPOT: the mean decode step (tok/s and every ratio use it); median ms: the middle step")
     pf = result.get("prefill")
     if pf:
         line = f"prefill: {pf['tokens']} tokens in {pf['seconds']:.2f} s ({pf['tokens'] / pf['seconds']:.0f} tokens/s)"

@@ -55,7 +55,11 @@ class SyncSelector:
             return
         rows = slice(batch.lo, batch.hi)
         made, next_len = self.made[rows, li], batch.memo("next_len", lambda: batch.lengths.numpy() + 1)
-        if self.plan.refresh > 1 and ((made >= 0) & (next_len - made < self.plan.refresh)).all():
+        refresh = self.plan.refresh
+        # each layer refreshes on its own turn (layer index + step, modulo refresh), so a step runs the passes of
+        # 1/refresh of the layers instead of all of them every refresh-th step: every step costs the same
+        turn = (batch.max_len + 1 + li) % refresh == 0
+        if refresh > 1 and not turn and ((made >= 0) & (next_len - made < refresh)).all():
             # every row's candidates (and the positions they reserve for newer tokens) still serve the next step
             self.windows.push(li, batch.lo, batch.hi, q)
             self.ahead_len[rows, li] = next_len
