@@ -2,10 +2,11 @@
 
 One KV store is filled once (a real dense prefill of up to ``--fill`` tokens of prose, tiled to the longest
 context: speed does not depend on what the keys say, and positions past the model's 8K are fine for speed) and
-every method's engine decodes from it in turn, interleaved over ``--rounds``. The zero-cost bound (``bound``: the
-same sparse forward fed fixed indices, no selection) is measured whenever a sparse method is. Dense, Quest, oracle
-and the bound use ``--threads`` intra-op threads; ``lastq``/``asyncspade`` with the asynchronous selector give one
-core to the decode loop and one to the cache-rank worker.
+every method's engine decodes from it in turn, interleaved over ``--rounds`` (each round starting at the next
+method). The zero-cost bound (``bound``: the same sparse forward fed fixed indices, no selection) is measured
+whenever a sparse method is. Dense, Quest, oracle and the bound use ``--threads`` intra-op threads;
+``lastq``/``asyncspade`` with the asynchronous selector give one core to the decode loop and one to the cache-rank
+worker. TPOT is the mean decode step.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def add_arguments(p) -> None:
     g.add_argument("--budgets", default=None, help="budgets to sweep, comma-separated (default: --budget)")
     g.add_argument("--steps", type=int, default=16, help="timed decode steps per method and round")
     g.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
-    g.add_argument("--rounds", type=int, default=2, help="methods are interleaved over this many rounds")
+    g.add_argument("--rounds", type=int, default=2,
+                   help="methods are interleaved over this many rounds, each round starting at the next method")
     g.add_argument("--threads", type=int, default=2, help="intra-op threads for the synchronous methods")
     g.add_argument("--decode-threads", type=int, default=1,
                    help="intra-op threads of the decode loop when a cache-rank worker runs beside it")
@@ -193,8 +195,10 @@ def run_sweep(args) -> dict:
     with tqdm(total=total, desc="bench", file=sys.stderr) as bar:
         for context in contexts:
             for batch in batches:
-                for _ in range(args.rounds):
-                    for key, cfg in cfgs.items():
+                for rnd in range(args.rounds):
+                    # each round starts at the next method: none always runs first, on a cache its predecessor left
+                    order = list(cfgs.items())
+                    for key, cfg in order[rnd % len(order):] + order[:rnd % len(order)]:
                         bar.set_postfix_str(f"ctx={context} b={batch} {key[0]}@{key[1]}")
                         r = time_method(model, tok, store, cfg, ids, context, batch, args)
                         k = (context, batch, key)
