@@ -911,6 +911,7 @@ void ridge_forecast(const float *w, const int64_t *count, int64_t R, int W, int 
  * projections (a few rows of activations; torch's int8 kernel wants bf16 activations and rounds its output to bf16,
  * this one keeps both in fp32 at the same speed: memory-bound) and the LM head's full-precision logits. Rows of w in
  * blocks of 16 over the threads; each block's 16 dot products per x row are reduced together. */
+#define I8_AHEAD_ROWS 24   /* weight rows prefetched ahead in linear_i8 (~14 KB of the LM head's rows): 11.8 -> 16.9 GB/s */
 void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, float *out, int M, int N, int K,
                int nthreads) {
     float *xf = (float *)x;                            /* fp32 input: read in place */
@@ -933,6 +934,9 @@ void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, f
                     for (int m = 0; m < 8; m++) acc[m] = _mm512_setzero_ps();
                     if (j < nb) {
                         const int8_t *wr = w + (int64_t)(n0 + j) * K;
+                        if (m0 == 0 && n0 + j + I8_AHEAD_ROWS < N)   /* the bus stays busy: ask for a later row */
+                            for (int k = 0; k < K; k += 64)
+                                _mm_prefetch((const char *)(wr + (int64_t)I8_AHEAD_ROWS * K + k), _MM_HINT_T0);
                         for (int k = 0; k < K; k += 16) {
                             __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                 _mm_loadu_si128((const __m128i *)(wr + k))));
