@@ -521,14 +521,17 @@ def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):
 
 
 @pytest.mark.parametrize("chunk", [16, 512])
-def test_page_bounds_follow_every_write(tiny_llama, chunk):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_page_bounds_follow_every_write(tiny_llama, chunk, weights):
     """The page min/max the selection reads are kept by every writer (chunked prefill, decode steps, a sequence
-    adopted into a filled slot): they equal bounds rebuilt from the stored keys."""
+    adopted into a filled slot; decode through the torch ops and through the C layer glue of quantized weights):
+    they equal bounds rebuilt from the stored keys."""
     from asyncspade.engine import Engine
     from asyncspade.sampling import SamplingParams
     model, tok = tiny_llama
     cfg = SparseConfig(method="quest", budget=32, sink=4, recent=8, dense_layers=1, page_size=8)
-    eng = Engine(model, tok, cfg, max_batch=2, max_tokens=256, prefill_chunk=chunk)
+    eng = Engine(model, tok, cfg, max_batch=2, max_tokens=256, prefill_chunk=chunk, weights=weights)
+    assert (eng.lean.glue is not None) == (weights == "int8" and kernels.backend() == "c")
     seq = eng.add(list(range(300, 377)), SamplingParams(max_tokens=13, ignore_eos=True))
     eng.run([seq])
     st = eng.store

@@ -134,7 +134,8 @@ class KVStore:
 
     def after_write(self, layer: int, batch: Batch) -> None:
         """Bring what is derived from the keys (page min/max) up to date with the rows ``batch`` just wrote. Every
-        writer calls it: :meth:`write`, and the lean forward, whose kernel writes rows in place."""
+        writer calls it: :meth:`write`, and the lean forward, whose kernel writes rows in place (its decode C path,
+        :meth:`~asyncspade.kernels.LayerGlue.pre`, folds the keys into their pages in the same call instead)."""
         if not self.track_pages:
             return
         if batch.q_len == 1:

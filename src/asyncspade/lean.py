@@ -163,13 +163,13 @@ class LeanModel:
             nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             if decode:
                 rt.before_layer(i, h)
-            if glue is not None:
+            if glue is not None:         # the keys also go into their Quest pages in this call, if kept
                 glue[i].pre(x, qkv_buf, lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot, pos,
-                            store.k[i], store.v[i], H, KVH, q)
+                            store.k[i], store.v[i], H, KVH, q, store.pages(i, 0, store.slots), store.page_size)
             else:
                 kernels.qkv_post(lw.qkv(x), lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot,
                                  pos, store.k[i], store.v[i], H, KVH, q)
-            store.after_write(i, batch)
+                store.after_write(i, batch)
             if decode:
                 rt.attend(i, q, attn.view(b, KVH, H // KVH, D))
             else:

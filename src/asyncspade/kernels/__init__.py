@@ -41,7 +41,8 @@ SIGNATURES = {
     "silu_mul": [_P, _I, _P, _I, _I, _I],
     "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
     "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _P, _I],
-    "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _I, _I, _I, _I],
+    "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _P, _P, _I64, _I64,
+                  _I, _I, _I, _I, _I],
     "layer_post": [_P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _I, _I],
 }
 
@@ -426,13 +427,17 @@ class LayerGlue:
         return torch.empty(rows, self.qkv_width), torch.empty(rows * (2 * self.hidden + 3 * self.inter))
 
     def pre(self, x, qkv_buf, bias, q_norm, k_norm, eps, cos, sin, slot, pos, k_store, v_store, heads, kv_heads,
-            q_out) -> None:
-        """``qkv_post(x @ W_qkv^T, ...)`` (the arguments as :func:`qkv_post`'s); ``x [M, C]`` fp32."""
+            q_out, pages=None, page_size=0) -> None:
+        """``qkv_post(x @ W_qkv^T, ...)`` (the arguments as :func:`qkv_post`'s); ``x [M, C]`` fp32. ``pages``: the
+        layer's page (min, max) ``[slots, KVH, pages, D]`` of ``page_size`` tokens, which the new keys are folded into
+        (:func:`page_append`), or None."""
         ss, sh = _store_strides(k_store)
+        pmin, pmax = pages if pages is not None else (None, None)
+        pss, psh = _store_strides(pmin) if pmin is not None else (0, 0)
         _lib.layer_pre(self._refs[0], x.data_ptr(), qkv_buf.data_ptr(), x.shape[0], _ptr(bias), _ptr(q_norm),
                        _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), slot.data_ptr(), pos.data_ptr(),
-                       q_out.data_ptr(), k_store.data_ptr(), v_store.data_ptr(), _bf(k_store), ss, sh, heads,
-                       kv_heads, q_out.shape[-1], _threads())
+                       q_out.data_ptr(), k_store.data_ptr(), v_store.data_ptr(), _bf(k_store), ss, sh, _ptr(pmin),
+                       _ptr(pmax), pss, psh, page_size, heads, kv_heads, q_out.shape[-1], _threads())
 
     def post(self, h, attn, x, w_mlp, w_next, eps, buf) -> None:
         """``h += attn W_o^T; x = rmsnorm(h) w_mlp; h += (silu(g) u)(x) W_down^T; x = rmsnorm(h) w_next`` in place

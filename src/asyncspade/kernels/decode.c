@@ -1261,30 +1261,34 @@ int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, cons
 /* Quest page bounds after a decode write: row b wrote the key at position start[b]; page start[b] / page of each
  * KV head takes that key as its min and max when it is the page's first token, else folds it in. k: the layer's
  * [B, KVH, T, D] view (strides sb, sh); pmin/pmax: [B, KVH, pages, D] views (strides pb, ph), same dtype as k. */
+/* Fold one key row into its page's min/max (``first``: the page's first token, which starts them). */
+static void fold_page(const void *krow, void *mn, void *mx, int bf, int first, int D) {
+    if (bf) {
+        const bf16 *kr = krow;
+        bf16 *lo = mn, *hi = mx;
+        for (int d = 0; d < D; d++) {
+            float x = bf2f(kr[d]);
+            if (first || x < bf2f(lo[d])) lo[d] = kr[d];
+            if (first || x > bf2f(hi[d])) hi[d] = kr[d];
+        }
+    } else {
+        const float *kr = krow;
+        float *lo = mn, *hi = mx;
+        for (int d = 0; d < D; d++) {
+            if (first || kr[d] < lo[d]) lo[d] = kr[d];
+            if (first || kr[d] > hi[d]) hi[d] = kr[d];
+        }
+    }
+}
+
 void page_append(const void *k, void *pmin, void *pmax, int bf, int64_t sb, int64_t sh, int64_t pb, int64_t ph,
                  const int64_t *start, int B, int KVH, int D, int page) {
+    int es = bf ? 2 : 4;
     for (int b = 0; b < B; b++) {
         int64_t t = start[b], p = t / page;
-        int first = t % page == 0;
         for (int h = 0; h < KVH; h++) {
             int64_t ko = b * sb + h * sh + t * D, po = b * pb + h * ph + p * D;
-            if (bf) {
-                const bf16 *kr = (const bf16 *)k + ko;
-                bf16 *mn = (bf16 *)pmin + po, *mx = (bf16 *)pmax + po;
-                for (int d = 0; d < D; d++) {
-                    float x = bf2f(kr[d]);
-                    if (first || x < bf2f(mn[d])) mn[d] = kr[d];
-                    if (first || x > bf2f(mx[d])) mx[d] = kr[d];
-                }
-            } else {
-                const float *kr = (const float *)k + ko;
-                float *mn = (float *)pmin + po, *mx = (float *)pmax + po;
-                for (int d = 0; d < D; d++) {
-                    float x = kr[d];
-                    if (first || x < mn[d]) mn[d] = x;
-                    if (first || x > mx[d]) mx[d] = x;
-                }
-            }
+            fold_page((const char *)k + ko * es, (char *)pmin + po * es, (char *)pmax + po * es, bf, t % page == 0, D);
         }
     }
 }
@@ -1305,10 +1309,18 @@ static void lin_apply(const lin_t *l, const float *x, float *out, int M, int nth
 void layer_pre(const lin_t *qkv, const float *x, float *qkv_buf, int M, const float *bias, const float *qnw,
                const float *knw, float eps, const float *cos_t, const float *sin_t, const int64_t *slot,
                const int64_t *pos, float *q_out, void *kbase, void *vbase, int kv_bf16, int64_t ss, int64_t sh,
-               int H, int KVH, int D, int nthreads) {
+               void *pmin, void *pmax, int64_t pss, int64_t psh, int page, int H, int KVH, int D, int nthreads) {
     lin_apply(qkv, x, qkv_buf, M, nthreads);
     qkv_post(qkv_buf, 0, bias, qnw, knw, eps, cos_t, sin_t, slot, pos, q_out, kbase, vbase, kv_bf16, ss, sh, M, H,
              KVH, D);
+    if (!pmin) return;          /* the store keeps Quest page bounds: fold the new keys in (page_append's work) */
+    int es = kv_bf16 ? 2 : 4;
+    for (int i = 0; i < M; i++)
+        for (int h = 0; h < KVH; h++) {
+            int64_t ko = slot[i] * ss + h * sh + pos[i] * D, po = slot[i] * pss + h * psh + pos[i] / page * D;
+            fold_page((char *)kbase + ko * es, (char *)pmin + po * es, (char *)pmax + po * es, kv_bf16,
+                      pos[i] % page == 0, D);
+        }
 }
 
 /* After attention, M decode rows (h the fp32 residual [M, C], attn [M, H D] fp32):
