@@ -278,8 +278,8 @@ def print_table(result: dict) -> None:
     f = lambda x: "" if x is None else f"{x:.2f}"     # noqa: E731
     for r in ratios(result):
         cells = [str(r["context"]), str(r["batch"]), str(r["budget"] or "-"), r["method"],
-                 f"{r['tpot_s'] * 1e3:.1f}", f"{r['median_s'] * 1e3:.1f}" if "median_s" in r else "",
-                 f"{r['batch'] / r['tpot_s']:.1f}", f(r["vs_full"]), f(r["vs_quest"]),
+                 f"{r['tpot_s'] * 1e3:.1f}", f"{r['median_s'] * 1e3:.1f}", f"{r['batch'] / r['tpot_s']:.1f}",
+                 f(r["vs_full"]), f(r["vs_quest"]),
                  f(r["vs_bound"]), "" if r.get("sparse_share") is None else f"{100 * r['sparse_share']:.0f}",
                  f"{r.get('sel_bytes', 0) / 1e6:.1f}" if r["budget"] else ""]
         if peer:

@@ -22,21 +22,21 @@ def _grouped(q: torch.Tensor, kvh: int) -> torch.Tensor:
 
 
 def topk_tokens(q: torch.Tensor, keys: torch.Tensor, lo: int, hi: torch.Tensor, k: int, scale: float,
-                aggregate: str = "sum", min_width: int = 0, reserve: int | None = None) -> torch.Tensor:
+                aggregate: str = "sum", min_width: int = 0,
+                reserve: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """Exact top-k token positions in ``[lo, hi[b])`` for each (row, KV head): ``[B, KVH, k]`` int64.
 
     ``keys`` (a store view) holds positions ``0..>=max(hi)``. Rows with fewer than k candidates return some masked
     positions; callers only use the result for rows whose cache exceeds the budget, which always have enough.
     ``min_width`` widens the scored range (masked beyond ``hi``) so the result always has k columns.
-    ``reserve`` (a candidate list): positions at or past ``hi`` become -1 and ``reserve`` more columns follow,
-    ``hi[b] + j`` (:func:`kernels.topk`).
+    ``reserve = (hi, gap, limit)`` (a candidate list): positions at or past that ``hi`` become -1 and ``gap`` more
+    columns follow, ``hi[b] + j`` capped at ``limit - 1`` (:func:`kernels.topk`).
     """
     width = min(max(int(hi.max()) - lo, min_width), keys.shape[2] - lo)
     p = kernels.score(_grouped(q, keys.shape[1]), keys, scale, lo=lo, hi=hi, n=width, aggregate=aggregate)
     # in position order: attention sums in the order it is given, so the same set must always come in one order
-    if reserve is None:
-        return kernels.topk(p, min(k, width), lo=lo)
-    return kernels.topk(p, min(k, width), lo=lo, hi=hi, gap=reserve, limit=keys.shape[2])
+    mask_hi, gap, limit = reserve if reserve is not None else (None, 0, 0)
+    return kernels.topk(p, min(k, width), lo=lo, hi=mask_hi, gap=gap, limit=limit)
 
 
 def topk_among(q: torch.Tensor, keys: torch.Tensor, cand_idx: torch.Tensor, k: int, scale: float,
@@ -73,5 +73,5 @@ def topk_pages(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, p_lo: in
     width = min(max(int(p_hi.max()) - p_lo, min_width), pmin.shape[2] - p_lo)
     p = kernels.score(_grouped(q, pmin.shape[1]), pmin, scale, lo=p_lo, hi=p_hi, n=width, aggregate=aggregate,
                       kmax=pmax)
-    hi, gap, limit = reserve if reserve is not None else (None, 0, 0)
-    return kernels.topk(p, min(n_pages, width), lo=p_lo, expand=expand, hi=hi, gap=gap, limit=limit)
+    mask_hi, gap, limit = reserve if reserve is not None else (None, 0, 0)
+    return kernels.topk(p, min(n_pages, width), lo=p_lo, expand=expand, hi=mask_hi, gap=gap, limit=limit)

@@ -911,7 +911,8 @@ void ridge_forecast(const float *w, const int64_t *count, int64_t R, int W, int 
  * projections (a few rows of activations; torch's int8 kernel wants bf16 activations and rounds its output to bf16,
  * this one keeps both in fp32 at the same speed: memory-bound) and the LM head's full-precision logits. Rows of w in
  * blocks of 16 over the threads; each block's 16 dot products per x row are reduced together. */
-#define I8_AHEAD_ROWS 24   /* weight rows prefetched ahead in linear_i8 (~14 KB of the LM head's rows): 11.8 -> 16.9 GB/s */
+/* weight rows linear_i8 prefetches ahead (~14 KB of the LM head's rows): 11.8 -> 16.9 GB/s from memory here */
+#define I8_AHEAD_ROWS 24
 void linear_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, float *out, int M, int N, int K,
                int nthreads) {
     float *xf = (float *)x;                            /* fp32 input: read in place */
@@ -1258,9 +1259,6 @@ int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, cons
     return copied;
 }
 
-/* Quest page bounds after a decode write: row b wrote the key at position start[b]; page start[b] / page of each
- * KV head takes that key as its min and max when it is the page's first token, else folds it in. k: the layer's
- * [B, KVH, T, D] view (strides sb, sh); pmin/pmax: [B, KVH, pages, D] views (strides pb, ph), same dtype as k. */
 /* Fold one key row into its page's min/max (``first``: the page's first token, which starts them). */
 static void fold_page(const void *krow, void *mn, void *mx, int bf, int first, int D) {
     if (bf) {
@@ -1281,6 +1279,9 @@ static void fold_page(const void *krow, void *mn, void *mx, int bf, int first, i
     }
 }
 
+/* Quest page bounds after a decode write: row b wrote the key at position start[b]; page start[b] / page of each
+ * KV head takes that key as its min and max when it is the page's first token, else folds it in. k: the layer's
+ * [B, KVH, T, D] view (strides sb, sh); pmin/pmax: [B, KVH, pages, D] views (strides pb, ph), same dtype as k. */
 void page_append(const void *k, void *pmin, void *pmax, int bf, int64_t sb, int64_t sh, int64_t pb, int64_t ph,
                  const int64_t *start, int B, int KVH, int D, int page) {
     int es = bf ? 2 : 4;

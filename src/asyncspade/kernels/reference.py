@@ -188,7 +188,7 @@ def linear_i4(x, w4, sm) -> torch.Tensor:
     return (y + (xg.double().sum(-1)[:, None, :] * smf[None, :, :, 1]).sum(-1)).float()
 
 
-def gather_candidates(k, cand, held, lengths, out) -> int:
+def gather_candidates(k, cand, held, lengths, out) -> tuple[int, int]:
     stale = (held != cand) & (cand >= 0)
     rows = stale.sum().item()
     if rows:

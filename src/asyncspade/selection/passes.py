@@ -19,14 +19,14 @@ from .plan import SelectionPlan
 
 
 def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, hi: torch.Tensor,
-                    n_tokens: int, scale: float, reserve: tuple[int, int] | None = None) -> torch.Tensor:
+                    n_tokens: int, scale: float, reserve: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """Token positions of the top ``n_tokens // page_size`` pages overlapping ``[sink, hi)`` by the Quest bound of
-    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller, or with
-    ``reserve = (gap, limit)`` those at or past ``hi`` are -1 and the ``gap`` positions from ``hi`` on follow."""
+    query ``q``: ``[B, KVH, n_tokens']``. Entries outside ``[sink, hi)`` are masked by the caller, or by ``reserve``
+    (:func:`~asyncspade.scoring.topk_pages`)."""
     ps = cfg.page_size
     n_pages = max(1, n_tokens // ps)
     return topk_pages(q, pmin, pmax, cfg.sink // ps, (hi - 1) // ps + 1, n_pages, scale, cfg.aggregate,
-                      min_width=n_pages, expand=ps, reserve=None if reserve is None else (hi, *reserve))
+                      min_width=n_pages, expand=ps, reserve=reserve)
 
 
 def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: torch.Tensor, lo: int, hi: int,
@@ -73,10 +73,11 @@ def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: tor
     cfg = plan.cfg
     n = plan.ahead_width - plan.gap
     b, kvh, t = keys.shape[0], keys.shape[1], keys.shape[2]
+    reserve = (hi, plan.gap, t)       # picks at or past hi are -1; the gap's positions from hi on follow
     if plan.page_prefilter and pages is not None and n < int(hi.max()) - cfg.sink:
-        return page_candidates(cfg, q, pages[0], pages[1], hi, n, scale, reserve=(plan.gap, t))
+        return page_candidates(cfg, q, pages[0], pages[1], hi, n, scale, reserve=reserve)
     # exact scores; or every position when the list holds them all (the scores then only order equals)
-    return topk_tokens(q, keys, cfg.sink, hi, n, scale, cfg.aggregate, min_width=n, reserve=plan.gap)
+    return topk_tokens(q, keys, cfg.sink, hi, n, scale, cfg.aggregate, min_width=n, reserve=reserve)
 
 
 def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
