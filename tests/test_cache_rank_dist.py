@@ -51,7 +51,8 @@ def run(model, tok, cfg, rounds, dist=False, on_late="wait", timeout_s=10.0, fau
 @pytest.mark.parametrize("method,predictor,prefilter,refine", [
     ("lastq", "ridge", "none", {"refine": False}), ("asyncspade", "ridge", "none", {"refine": False}),
     ("asyncspade", "xlayer", "none", {"refine": False}), ("asyncspade", "hybrid", "none", {}),
-    ("asyncspade", "hybrid", "pages", {}), ("asyncspade", "ridge", "pages", {"superset": 2, "min_candidates": 0})])
+    ("asyncspade", "hybrid", "pages", {}), ("asyncspade", "ridge", "pages", {"superset": 2, "min_candidates": 0}),
+    ("asyncspade", "ridge", "sketch", {"superset": 2, "min_candidates": 0})])
 def test_dist_selects_like_sync(tiny_llama, method, predictor, prefilter, refine):
     model, tok = tiny_llama
     cfg = SparseConfig(method=method, budget=48, sink=4, recent=8, dense_layers=1, predictor=predictor,

@@ -86,6 +86,71 @@ def test_score_tokens_and_pages(dtype, d, g, aggregate):
     close(K.score(q, k, 0.1, kmax=kmax, **kw), R.score(q, k, 0.1, kmax=kmax, **kw), dtype)
 
 
+def sketch_of(k, start, count, impl):
+    """A fresh sketch ``(ks, kq)`` of ``k [B, KVH, T, D]`` with positions ``[start, start + count)`` written."""
+    b, kvh, t, d = k.shape
+    ks = torch.zeros(b, kvh, (t + 15) // 16, 8 * d, dtype=torch.uint8)
+    kq = torch.zeros(b, kvh, 2, t)
+    impl.sketch_write(k, ks, kq, torch.full((b,), start), count)
+    return ks, kq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,g", [(64, 3), (128, 4), (24, 3), (16, 2)])
+@pytest.mark.parametrize("aggregate", ["sum", "max"])
+def test_sketch_matches_reference(dtype, d, g, aggregate):
+    b, kvh, t = 2, 3, 2500                      # > one 1024-candidate chunk, not a whole number of blocks
+    k = store(b, kvh, t, d, dtype) * torch.linspace(0.2, 3.0, d)     # channels of different ranges, as RoPE keys
+    k = k.to(dtype)
+    ks, kq = sketch_of(k, 0, t, K)
+    rs, rq = sketch_of(k, 0, t, R)
+    # the same nibbles but where a value sits on a rounding boundary (the compiled division may differ in an ulp)
+    assert (ks != rs).float().mean() < 1e-3
+    torch.testing.assert_close(kq, rq, atol=1e-6, rtol=1e-5)
+    u, scale, mn = R.sketch_keys(ks, kq, t)
+    err = (u * scale[..., None] + mn[..., None] - k.double()).abs()
+    assert bool((err <= scale[..., None] / 2 + 1e-4).all())         # each channel within half a step of its key
+    q = randn(b, kvh, g, d)
+    hi = torch.tensor([2400, 900])
+    got = K.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, aggregate)
+    torch.testing.assert_close(got, R.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, aggregate), atol=1e-6, rtol=1e-4)
+    assert bool((got[:, :, :4] == -1).all()) and bool((got[1, :, 900:] == -1).all())    # outside [lo, hi)
+    # close to the exact scores of the keys it copies: the same best tokens, nearly
+    exact = R.score(q, k, 0.1, lo=4, hi=hi, n=2446, aggregate=aggregate)
+    top = lambda x, lo: set((x[0, 0].topk(200).indices + lo).tolist())
+    assert len(top(got, 0) & top(exact, 4)) >= 150
+
+
+def test_sketch_written_token_by_token_equals_one_write():
+    """Decode writes one token at a time into blocks of 16 that earlier writes filled in part."""
+    k = store(2, 3, 100, 64, torch.bfloat16, seed=7)
+    ks, kq = sketch_of(k, 0, 37, K)
+    for p in range(37, 100):
+        K.sketch_write(k, ks, kq, torch.tensor([p, p]), 1)
+    whole, whole_q = sketch_of(k, 0, 100, K)
+    assert torch.equal(ks, whole) and torch.equal(kq, whole_q)
+
+
+def test_sketch_scores_equal_exact_scores_when_lossless():
+    """Keys that take 16 evenly spaced values per token and an int8 query lose nothing in the sketch: the scores are
+    the exact ones, so the sketch proposes the exact top-k."""
+    g = torch.Generator().manual_seed(8)
+    b, kvh, t, d, grp = 1, 2, 600, 64, 3
+    u = torch.randint(0, 16, (b, kvh, t, d), generator=g).float()
+    u[..., 0], u[..., 1] = 0.0, 15.0                  # every token spans the whole range: min 0, step 1
+    k = u * 0.25 - 1.0
+    q = torch.randint(-127, 128, (b, kvh, grp, d), generator=g).float()
+    q[..., 0] = 127.0                                 # int8 scale exactly 1
+    q = q / 200.0
+    ks, kq = sketch_of(k, 0, t, K)
+    hi = torch.tensor([580])
+    got = K.sketch_score(q, ks, kq, 0.05, 4, hi, 580)
+    exact = R.score(q, k, 0.05, lo=4, hi=hi, n=576)
+    assert bool((got[..., :4] == -1).all())
+    torch.testing.assert_close(got[..., 4:], exact, atol=1e-7, rtol=1e-4)
+    assert torch.equal(K.topk(got, 100), K.topk(exact, 100, lo=4))
+
+
 def test_topk_matches_reference_and_breaks_ties_low():
     g = torch.Generator().manual_seed(4)
     s = torch.randn(2, 3, 500, generator=g)

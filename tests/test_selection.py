@@ -244,6 +244,7 @@ def test_step_ahead_settings_bind_only_the_methods_that_select_ahead():
         SparseConfig(method=method, budget=32, page_size=8, recent=2).validate()
     for method in ("asyncspade", "lastq"):
         SparseConfig(method=method, budget=32, page_size=16).validate()        # refine: candidates are whole pages
+        SparseConfig(method=method, budget=32, page_size=16, refine=False, prefilter="sketch").validate()  # tokens
         with pytest.raises(ConfigError, match="page prefilter"):
             SparseConfig(method=method, budget=32, page_size=16, refine=False).validate()
         with pytest.raises(ConfigError, match="refresh"):
@@ -299,17 +300,17 @@ def test_page_prefilter_on_a_store_smaller_than_the_superset(predictor):
     assert all(len(set(row.tolist())) == cfg.k_mid for row in got.flatten(0, 1))    # no position twice
 
 
-@pytest.mark.parametrize("prefilter", ["none", "pages"])
+@pytest.mark.parametrize("prefilter", ["none", "pages", "sketch"])
 def test_hybrid_with_a_superset_covering_the_cache_is_exact_topk(prefilter):
     """When superset * k covers every candidate position the step-ahead pass ranks nothing, and the cross-layer
     pass must still return the exact top-k of the cross-layer query over all candidates."""
     from asyncspade.kvcache import Batch
     from asyncspade.selection.local import SyncSelector
     T, n = 128, 70
-    store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True)
+    store = KVStore(1, 2, 2, T, 8, torch.float32, page_size=8, track_pages=True, track_sketch=True)
     store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(1)))
     for s in range(2):
-        store.rebuild_pages(0, s, 0, n + 1)
+        store.rebuild(0, s, 0, n + 1)
     cfg = SparseConfig(method="asyncspade", budget=24, sink=4, recent=4, dense_layers=0, predictor="hybrid",
                        superset=4, page_size=8, prefilter=prefilter)                  # 4 * 16 = 64 >= 70 + 1 - 8
     sel = SyncSelector(cfg, store, 4, [0], 1.0)
@@ -336,7 +337,7 @@ def _greedy(model, tok, cfg, prompts, n=16, **kw):
 
 
 @pytest.mark.parametrize("refresh", [1, 4])
-@pytest.mark.parametrize("prefilter", ["none", "pages"])
+@pytest.mark.parametrize("prefilter", ["none", "pages", "sketch"])
 def test_refined_selection_is_the_oracle_when_candidates_cover_the_cache(tiny_llama, refresh, prefilter):
     """Candidates covering every position (superset x k beyond the cache): the true query's in-line pick is the
     exact top-k, the oracle's, at every step, also with a refresh interval (the tokens that arrive between two
@@ -522,32 +523,41 @@ def test_refined_selection_differs_from_the_candidates_alone(tiny_llama):
 
 @pytest.mark.parametrize("chunk", [16, 512])
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_page_bounds_follow_every_write(tiny_llama, chunk, weights):
-    """The page min/max the selection reads are kept by every writer (chunked prefill, decode steps, a sequence
-    adopted into a filled slot; decode through the torch ops and through the C layer glue of quantized weights):
-    they equal bounds rebuilt from the stored keys."""
+@pytest.mark.parametrize("method", ["quest", "asyncspade"])
+def test_key_summaries_follow_every_write(tiny_llama, chunk, weights, method):
+    """The page min/max (quest) and the key sketch (asyncspade) the selection reads are kept by every writer
+    (chunked prefill, decode steps, a sequence adopted into a filled slot; decode through the torch ops and through
+    the C layer glue of quantized weights): they equal summaries rebuilt from the stored keys."""
     from asyncspade.engine import Engine
     from asyncspade.sampling import SamplingParams
     model, tok = tiny_llama
-    cfg = SparseConfig(method="quest", budget=32, sink=4, recent=8, dense_layers=1, page_size=8)
+    cfg = SparseConfig(method=method, budget=32, sink=4, recent=8, dense_layers=1, page_size=8, prefilter="sketch")
     eng = Engine(model, tok, cfg, max_batch=2, max_tokens=256, prefill_chunk=chunk, weights=weights)
     assert (eng.lean.glue is not None) == (weights == "int8" and kernels.backend() == "c")
+    st = eng.store
+    assert (st.track_pages, st.track_sketch) == ((True, False) if method == "quest" else (False, True))
     seq = eng.add(list(range(300, 377)), SamplingParams(max_tokens=13, ignore_eos=True))
     eng.run([seq])
-    st = eng.store
     n = int(st.lengths[0])
     st.k[:, 1, :, :n] = st.k[:, 0, :, :n]              # a filled cache for the adopted sequence
     adopted = eng.adopt(1, list(range(300, 300 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
     for layer in range(st.num_layers):
-        st.rebuild_pages(layer, 1, 0, n - 1)            # what a bench does after filling a store
+        st.rebuild(layer, 1, 0, n - 1)                  # what a bench does after filling a store
     eng.run([adopted])
     eng.close()
     for slot in (0, 1):
         m = int(st.lengths[slot])
-        fresh = KVStore(st.num_layers, 1, st.kv_heads, st.max_tokens, st.head_dim, st.dtype, 8, track_pages=True)
+        fresh = KVStore(st.num_layers, 1, st.kv_heads, st.max_tokens, st.head_dim, st.dtype, 8,
+                        track_pages=st.track_pages, track_sketch=st.track_sketch)
         fresh.k[:, 0, :, :m] = st.k[:, slot, :, :m]
         pages = (m + 7) // 8
         for layer in range(st.num_layers):
-            fresh.rebuild_pages(layer, 0, 0, m)
-            assert torch.equal(st.pmin[layer, slot, :, :pages], fresh.pmin[layer, 0, :, :pages])
-            assert torch.equal(st.pmax[layer, slot, :, :pages], fresh.pmax[layer, 0, :, :pages])
+            fresh.rebuild(layer, 0, 0, m)
+            if method == "quest":
+                assert torch.equal(st.pmin[layer, slot, :, :pages], fresh.pmin[layer, 0, :, :pages])
+                assert torch.equal(st.pmax[layer, slot, :, :pages], fresh.pmax[layer, 0, :, :pages])
+            else:
+                assert torch.equal(st.kq[layer, slot, :, :, :m], fresh.kq[layer, 0, :, :, :m])
+                blocks = st.ks[layer, slot, :, :(m + 15) // 16].view(st.kv_heads, -1, st.head_dim // 8, 16, 4)
+                want = fresh.ks[layer, 0, :, :(m + 15) // 16].view(blocks.shape)
+                assert torch.equal(blocks.transpose(2, 3).flatten(1, 2)[:, :m], want.transpose(2, 3).flatten(1, 2)[:, :m])

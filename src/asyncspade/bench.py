@@ -99,10 +99,9 @@ def fill_store(model, tok, store: KVStore, fill: int, length: int, slots: int,
             n = min(fill, length - start)
             kv[:, 0, :, start:start + n] = kv[:, 0, :, :n]
         kv[:, 1:slots, :, :length] = kv[:, :1, :, :length]
-    if store.track_pages:
-        for layer in range(store.num_layers):
-            for s in range(slots):
-                store.rebuild_pages(layer, s, 0, length)
+    for layer in range(store.num_layers):        # page bounds and key sketch of the copies
+        for s in range(slots):
+            store.rebuild(layer, s, 0, length)
     return ids, seq.ttft_s
 
 
@@ -181,6 +180,7 @@ def run_sweep(args) -> dict:
     store = KVStore(cfg0.num_hidden_layers, max(batches), cfg0.num_key_value_heads, max_len, head_dim(cfg0),
                     kv_store_dtype(model, args.kv_dtype), args.page_size,
                     track_pages=any(method_class(c).needs_pages(c) for c in cfgs.values()),
+                    track_sketch=any(method_class(c).needs_sketch(c) for c in cfgs.values()),
                     shared=resolved_selector(args) == "async" and any(method_class(c).ahead for c in cfgs.values()),
                     device=args.device)
     print(f"[asyncspade] filling a {max(contexts)}-token cache for {max(batches)} sequences "

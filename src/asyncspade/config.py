@@ -7,6 +7,7 @@ METHODS = ("full", "oracle", "quest", "asyncspade", "lastq", "streaming")
 BENCH_ONLY = ("bound",)      # the zero-cost selection bound: fixed indices, no selection (benchmarks)
 PREDICTORS = ("ridge", "xlayer", "hybrid")
 RIDGE_KINDS = ("ar", "mean", "linear", "last")
+PREFILTERS = ("pages", "sketch", "none")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")    # the lean forward's weight formats (quant.py)
 DEFAULT_WEIGHTS = "int4"      # chosen by speed and fidelity vs fp32 (BENCHMARKS.md §5: faster and closer than int8)
 DEFAULT_KV_DTYPE = "bf16"     # the lean forward's KV cache dtype
@@ -41,7 +42,9 @@ class SparseConfig:
     superset: int = 4           # refine/hybrid: the ahead pass keeps superset * k candidates ...
     min_candidates: int = 2048  # ... and with refine at least this many (small budgets need more than 4k)
     prefilter: str = "pages"    # step-ahead pass: rank pages by the Quest bound of the forecast query and keep their
-                                # tokens (pages: an eighth of the key bytes), or score every key (none)
+                                # tokens (pages: an eighth of the key bytes), score every token from the store's
+                                # 4-bit key copy (sketch: a quarter, finer but 6x the time at 32K; BENCHMARKS.md
+                                # section 0), or score every key (none)
     aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
     refine: bool = True         # ridge/xlayer: the ahead pass proposes candidates and the layer's true query picks
                                 # the exact top-k among them in-line (hybrid refines with its cross-layer forecast)
@@ -95,8 +98,8 @@ class SparseConfig:
             raise ConfigError("ridge must be >= 0")
         if self.superset < 1 or self.min_candidates < 0:
             raise ConfigError("superset must be >= 1 and min_candidates >= 0")
-        if self.prefilter not in ("none", "pages"):
-            raise ConfigError("prefilter must be 'none' or 'pages'")
+        if self.prefilter not in PREFILTERS:
+            raise ConfigError(f"prefilter must be one of: {', '.join(PREFILTERS)}")
         if self.min_sparse is not None and self.min_sparse < 0:
             raise ConfigError(f"min_sparse must be >= 0 (or None: measured), got {self.min_sparse}")
         ahead = self.method in ("asyncspade", "lastq")     # the settings of the step-ahead pass concern them only

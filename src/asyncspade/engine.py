@@ -134,13 +134,13 @@ class Engine:
         dtype = kv_store_dtype(model, kv_dtype)
         # benchmarks pass one filled store to the engines of several methods
         method = method_class(self.sparse)
-        pages = method.needs_pages(self.sparse)
+        needs = method.store_needs(self.sparse)
         self.store = store or KVStore(self.config.num_hidden_layers, max_batch, self.config.num_key_value_heads,
                                       self.max_tokens, head_dim(self.config), dtype, self.sparse.page_size,
-                                      track_pages=pages, shared=selector == "async" and method.ahead,
-                                      device=self.device)
-        if pages and not self.store.track_pages:
-            raise ValueError(f"{self.sparse.method} needs a KV store that tracks page min/max")
+                                      shared=selector == "async" and method.ahead, device=self.device, **needs)
+        missing = [name for name, need in needs.items() if need and not getattr(self.store, name)]
+        if missing:
+            raise ValueError(f"{self.sparse.method} needs a KV store with {', '.join(missing)}")
         # with a cache-rank worker beside the decode loop, decode steps leave it a core (default cores - 1: three
         # busy threads on two cores slow both sides); prefill (compute-bound, no selection) keeps every thread
         worker = selector in ("async", "thread", "dist") and method.ahead

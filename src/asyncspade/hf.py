@@ -146,7 +146,7 @@ class SparseHandle:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = next(model.parameters()).dtype
         self.store = KVStore(config.num_hidden_layers, max_batch, config.num_key_value_heads, max_tokens, head_dim,
-                             dtype, self.cfg.page_size, track_pages=method_class(self.cfg).needs_pages(self.cfg))
+                             dtype, self.cfg.page_size, **method_class(self.cfg).store_needs(self.cfg))
         self.cache = DropInCache(self.store)
         model.set_attn_implementation(register())
         # on the decoder, so each forward's batch is set before any layer (and any layer hook) runs

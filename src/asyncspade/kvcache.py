@@ -77,9 +77,12 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, shared: bool, device=None
 class KVStore:
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_tokens: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, page_size: int = 16, track_pages: bool = False,
-                 shared: bool = False, device: torch.device | str = "cpu"):
-        """``shared``: in shared memory (a cache-rank worker process reads it; CPU only). The K/V tensors and page
-        bounds live on ``device``; the per-slot lengths stay on the CPU (the engine's bookkeeping)."""
+                 shared: bool = False, device: torch.device | str = "cpu", track_sketch: bool = False):
+        """``shared``: in shared memory (a cache-rank worker process reads it; CPU only). The K/V tensors and what
+        is derived from the keys live on ``device``; the per-slot lengths stay on the CPU (the engine's bookkeeping).
+        Derived from the keys, kept up to date on every write: ``track_pages``, Quest's page min/max (``pmin``,
+        ``pmax``); ``track_sketch``, a 4-bit copy of the keys (``ks`` nibbles in blocks of 16 tokens, ``kq`` per
+        token scale and min; :func:`asyncspade.kernels.sketch_write`), a quarter of a bf16 key's bytes to scan."""
         device = torch.device(device)
         if shared and device.type != "cpu":
             raise ValueError("a KV store shared with a worker process must be on the CPU")
@@ -96,6 +99,12 @@ class KVStore:
             pshape = (num_layers, slots, kv_heads, pages, head_dim)
             self.pmin = _zeros(pshape, dtype, shared, device)
             self.pmax = _zeros(pshape, dtype, shared, device)
+        self.track_sketch = track_sketch
+        if track_sketch:
+            assert head_dim % 8 == 0, "the key sketch packs 8 channels per 4 bytes"
+            blocks = (max_tokens + 15) // 16
+            self.ks = _zeros((num_layers, slots, kv_heads, blocks, 8 * head_dim), torch.uint8, shared, device)
+            self.kq = _zeros((num_layers, slots, kv_heads, 2, max_tokens), torch.float32, shared, device)
         self.lengths = _zeros((slots,), torch.int64, shared)     # committed tokens per slot
 
     @property
@@ -112,6 +121,8 @@ class KVStore:
         ts = [self.k, self.v, self.lengths]
         if self.track_pages:
             ts += [self.pmin, self.pmax]
+        if self.track_sketch:
+            ts += [self.ks, self.kq]
         return ts
 
     def write(self, layer: int, batch: Batch, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -132,19 +143,32 @@ class KVStore:
             V[0, :, o:o + batch.q_len] = v[0]
         self.after_write(layer, batch)
 
-    def after_write(self, layer: int, batch: Batch) -> None:
-        """Bring what is derived from the keys (page min/max) up to date with the rows ``batch`` just wrote. Every
-        writer calls it: :meth:`write`, and the lean forward, whose kernel writes rows in place (its decode C path,
-        :meth:`~asyncspade.kernels.LayerGlue.pre`, folds the keys into their pages in the same call instead)."""
-        if not self.track_pages:
+    def after_write(self, layer: int, batch: Batch, pages: bool = True) -> None:
+        """Bring what is derived from the keys (page min/max, sketch) up to date with the rows ``batch`` just wrote.
+        Every writer calls it: :meth:`write`, and the lean forward, whose kernel writes rows in place (its decode C
+        path, :meth:`~asyncspade.kernels.LayerGlue.pre`, folds the keys into their pages in the same call instead:
+        ``pages=False``)."""
+        lo, hi = batch.lo, batch.hi
+        if self.track_sketch:
+            kernels.sketch_write(self.k[layer, lo:hi], self.ks[layer, lo:hi], self.kq[layer, lo:hi], batch.start,
+                                 batch.q_len)
+        if not (self.track_pages and pages):
             return
         if batch.q_len == 1:
-            lo, hi = batch.lo, batch.hi
             kernels.page_append(self.k[layer, lo:hi], self.pmin[layer, lo:hi], self.pmax[layer, lo:hi], batch.start,
                                 self.page_size)
         else:
             o = int(batch.start[0])
             self.rebuild_pages(layer, batch.lo, o, o + batch.q_len)
+
+    def rebuild(self, layer: int, slot: int, begin: int, end: int) -> None:
+        """Recompute everything derived from the keys of tokens ``[begin, end)`` of ``slot`` (after a bulk copy)."""
+        if self.track_pages:
+            self.rebuild_pages(layer, slot, begin, end)
+        if self.track_sketch:
+            s = slice(slot, slot + 1)
+            kernels.sketch_write(self.k[layer, s], self.ks[layer, s], self.kq[layer, s], torch.tensor([begin]),
+                                 end - begin)
 
     def rebuild_pages(self, layer: int, slot: int, begin: int, end: int) -> None:
         """Recompute the min/max of every page touched by tokens ``[begin, end)`` from the stored keys."""
@@ -161,6 +185,11 @@ class KVStore:
     def pages(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Page (min, max) of slots ``[lo, hi)``, ``[B, kv_heads, pages, D]`` each, if tracked."""
         return (self.pmin[layer, lo:hi], self.pmax[layer, lo:hi]) if self.track_pages else None
+
+    def sketch(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The key sketch of slots ``[lo, hi)``: (nibbles ``[B, kv_heads, blocks, 8 D]``, scale and min ``[B,
+        kv_heads, 2, T]``), if tracked."""
+        return (self.ks[layer, lo:hi], self.kq[layer, lo:hi]) if self.track_sketch else None
 
     def keys(self, layer: int, batch: Batch, upto: int | None = None) -> torch.Tensor:
         """View ``[B, kv_heads, upto, D]`` of the batch's keys (default: up to the longest row)."""

@@ -166,6 +166,8 @@ class LeanModel:
             if glue is not None:         # the keys also go into their Quest pages in this call, if kept
                 glue[i].pre(x, qkv_buf, lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot, pos,
                             store.k[i], store.v[i], H, KVH, q, store.pages(i, 0, store.slots), store.page_size)
+                if store.track_sketch:
+                    store.after_write(i, batch, pages=False)
             else:
                 kernels.qkv_post(lw.qkv(x), lw.qkv_bias, lw.q_norm, lw.k_norm, self.eps, self.cos, self.sin, slot,
                                  pos, store.k[i], store.v[i], H, KVH, q)

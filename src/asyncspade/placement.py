@@ -53,11 +53,14 @@ def free_bytes() -> int | None:
 
 
 def store_bytes(config, slots: int, max_tokens: int, element_size: int, page_size: int = 16,
-                track_pages: bool = False) -> int:
-    """Bytes of a :class:`~asyncspade.kvcache.KVStore` for ``config`` (K and V, page min/max when tracked)."""
-    per_token = config.num_hidden_layers * slots * config.num_key_value_heads * head_dim(config) * element_size
+                track_pages: bool = False, track_sketch: bool = False) -> int:
+    """Bytes of a :class:`~asyncspade.kvcache.KVStore` for ``config`` (K and V, page min/max and the key sketch when
+    tracked)."""
+    rows = config.num_hidden_layers * slots * config.num_key_value_heads
+    per_token = rows * head_dim(config) * element_size
     pages = -(-max_tokens // page_size) if track_pages else 0
-    return 2 * per_token * (max_tokens + pages) + 8 * slots
+    sketch = rows * -(-max_tokens // 16) * 16 * (head_dim(config) // 2 + 8) if track_sketch else 0
+    return 2 * per_token * (max_tokens + pages) + sketch + 8 * slots
 
 
 def _gib(n: int) -> str:
@@ -151,7 +154,7 @@ def new_engine(model, tokenizer, cfg, max_batch: int, max_model_len: int | None,
     options = options or {}
     length = max_model_len or model.config.max_position_embeddings
     element = kv_store_dtype(model, options.get("kv_dtype", DEFAULT_KV_DTYPE)).itemsize
-    need = store_bytes(model.config, max_batch, length, element, cfg.page_size, method_class(cfg).needs_pages(cfg))
+    need = store_bytes(model.config, max_batch, length, element, cfg.page_size, **method_class(cfg).store_needs(cfg))
     return build_engine(lambda sel: Engine(model, tokenizer, cfg, max_batch=max_batch, max_tokens=max_model_len,
                                            selector=sel, on_late=on_late, **options),
                         selector, cfg, need, ", or lower --max-model-len / max_model_len")

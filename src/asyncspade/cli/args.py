@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, METHODS, PREDICTORS, RIDGE_KINDS, WEIGHT_FORMATS, SparseConfig
+from ..config import (DEFAULT_KV_DTYPE, DEFAULT_WEIGHTS, METHODS, PREDICTORS, PREFILTERS, RIDGE_KINDS,
+                      WEIGHT_FORMATS, SparseConfig)
 
 
 class UserError(Exception):
@@ -79,9 +80,11 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
     g.add_argument("--superset", type=int, default=d.superset,
                    help="refine/hybrid: candidates kept by the ahead pass, in multiples of k "
                    f"(default {d.superset})")
-    g.add_argument("--prefilter", default=d.prefilter, choices=["none", "pages"],
-                   help="asyncspade/lastq step-ahead pass: score every key (none), or rank pages by their min/max "
-                   f"bound with the forecast query and score tokens only inside the best ones (default {d.prefilter})")
+    g.add_argument("--prefilter", default=d.prefilter, choices=list(PREFILTERS),
+                   help="asyncspade/lastq step-ahead pass: score every token from a 4-bit copy of the keys the store "
+                   "keeps (sketch: a quarter of the key bytes), rank pages by their min/max bound with the forecast "
+                   "query and take the best pages' tokens (pages: an eighth, coarser), or score every key exactly "
+                   f"(none) (default {d.prefilter})")
     g.add_argument("--min-candidates", type=int, default=d.min_candidates,
                    help=f"with --refine: at least this many candidates (default {d.min_candidates})")
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,

@@ -40,6 +40,8 @@ SIGNATURES = {
     "add_rmsnorm": [_P, _P, _I, _P, _F, _P, _I, _I, _I],
     "silu_mul": [_P, _I, _P, _I, _I, _I],
     "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
+    "sketch_write": [_P, _I, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I, _I, _I, _I],
+    "sketch_score": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _P, _I],
     "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _P, _P, _I64, _I64,
                   _I, _I, _I, _I, _I],
@@ -382,6 +384,35 @@ def page_append(k: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor, start: 
     b, kvh, _, d = k.shape
     start = start.contiguous()
     _lib.page_append(_ptr(k), _ptr(pmin), _ptr(pmax), _bf(k), sb, sh, pb, ph, _ptr(start), b, kvh, d, page_size)
+
+
+def sketch_write(k: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, start: torch.Tensor, count: int) -> None:
+    """Bring the 4-bit key sketch up to date with positions ``[start[b], start[b] + count)`` of ``k [B, KVH, T, D]``
+    (a layer's slot range): ``ks [B, KVH, blocks, 8 D]`` uint8 and ``kq [B, KVH, 2, T]`` fp32 (per token: scale,
+    min), in place. The layout is decode.c's (``sketch_token``)."""
+    if not _use_c(k, kq):
+        return reference.sketch_write(k, ks, kq, start, count)
+    sb, sh = _store_strides(k)
+    assert ks.stride(3) == 1 and kq.stride(3) == 1 and ks.dtype == torch.uint8
+    b, kvh, t, d = k.shape
+    start = start.contiguous()
+    _lib.sketch_write(_ptr(k), _bf(k), sb, sh, _ptr(ks), ks.stride(0), ks.stride(1), _ptr(kq), kq.stride(0),
+                      kq.stride(1), kq.shape[3], _ptr(start), count, b, kvh, d, _threads())
+
+
+def sketch_score(q: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, scale: float, lo: int, hi: torch.Tensor,
+                 n: int, aggregate: str = "sum") -> torch.Tensor:
+    """:func:`score` of positions ``[0, n)`` (masked outside ``[lo, hi[b])``) from the key sketch (see
+    :func:`sketch_write`) instead of the keys: ``[B, KVH, n]``. ``q [B, KVH, G, D]`` fp32."""
+    if not _use_c(q, kq):
+        return reference.sketch_score(q, ks, kq, scale, lo, hi, n, aggregate)
+    b, kvh, g, d = q.shape
+    q, hi = q.contiguous(), hi.contiguous()
+    out = torch.empty(b, kvh, n)
+    _lib.sketch_score(_ptr(q), _ptr(ks), _ptr(kq), ks.stride(0), ks.stride(1), kq.stride(0), kq.stride(1),
+                      kq.shape[3], lo, _ptr(hi), n, _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"),
+                      _threads())
+    return out
 
 
 def gather_candidates(k: torch.Tensor, cand: torch.Tensor, held: torch.Tensor, lengths: torch.Tensor,

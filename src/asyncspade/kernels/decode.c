@@ -574,6 +574,83 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
  * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores,
  * turned into exp(score - the chunk's max) with the chunk's sum; per (row, head, query head) the merged max and sum;
  * the probabilities, each chunk's exps times one factor (one exp per score, not two). */
+/* Scores of one chunk [j0, c1) of (row, head) -> exp(score - the chunk's max) per query head, and their sum
+ * (0 where masked); st[2g] holds the chunk's max on entry, st[2g + 1] the sum on return. */
+static void chunk_exp(float *sbh, float *st, int64_t n, int64_t j0, int64_t c1, int G) {
+    for (int g = 0; g < G; g++) {
+        float mx = st[2 * g], acc = 0.f, *e = sbh + g * n;
+        int64_t j = j0;
+        if (mx == -INFINITY) { memset(e + j, 0, sizeof(float) * (size_t)(c1 - j)); continue; }
+#ifdef __AVX512F__
+        __m512 va = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+        for (; j + 16 <= c1; j += 16) {
+            __m512 x = _mm512_loadu_ps(e + j);
+            x = exp512(_mm512_sub_ps(x, vm), _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ));
+            _mm512_storeu_ps(e + j, x);
+            va = _mm512_add_ps(va, x);
+        }
+        acc = _mm512_reduce_add_ps(va);
+#endif
+        for (; j < c1; j++) { e[j] = e[j] == -INFINITY ? 0.f : expf(e[j] - mx); acc += e[j]; }
+        st[2 * g + 1] = acc;
+    }
+}
+
+/* The last two passes of a score (inside the caller's parallel region): per (row, head, query head) the merged max
+ * and sum of the chunks; then each candidate's probability, its chunk's exps times one factor, aggregated over the
+ * group (okbits: the candidates that may score, BLOCK per word; the others get -1). */
+static void merge_probs(const float *s, const float *stat, float *glob, const uint16_t *okbits, float *out,
+                        int64_t n, int64_t CH, int64_t nc, int B, int KVH, int G, int agg_max) {
+    int64_t nblk = (n + BLOCK - 1) / BLOCK, items = (int64_t)B * KVH * nc;
+    #pragma omp for schedule(static)
+    for (int64_t bhg = 0; bhg < (int64_t)B * KVH * G; bhg++) {
+        int64_t bh = bhg / G;
+        int g = (int)(bhg % G);
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t c = 0; c < nc; c++) { float m = stat[((bh * nc + c) * G + g) * 2]; mx = m > mx ? m : mx; }
+        if (mx != -INFINITY)
+            for (int64_t c = 0; c < nc; c++) {
+                const float *st = stat + ((bh * nc + c) * G + g) * 2;
+                if (st[0] != -INFINITY) sum += st[1] * expf(st[0] - mx);
+            }
+        glob[bhg * 2] = mx;
+        glob[bhg * 2 + 1] = sum;
+    }
+    #pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {       /* probability = exp(score - chunk max) * this factor */
+        int64_t bh = it / nc, c = it % nc;
+        const float *sbh = s + bh * G * n, *st = stat + it * G * 2;
+        float *o = out + bh * n, f[MAXG];
+        int live = 0;                               /* some head has a distribution: a candidate can score */
+        for (int g = 0; g < G; g++) {
+            float gmx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
+            live |= sum > 0.f;
+            f[g] = sum > 0.f && st[2 * g] != -INFINITY ? expf(st[2 * g] - gmx) / sum : 0.f;
+        }
+        int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+        int64_t j = c * CH;
+#ifdef __AVX512F__
+        for (; j + 16 <= c1; j += 16) {
+            __m512 a = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                __m512 pr = _mm512_mul_ps(_mm512_loadu_ps(sbh + g * n + j), _mm512_set1_ps(f[g]));
+                a = agg_max ? _mm512_max_ps(a, pr) : _mm512_add_ps(a, pr);
+            }
+            __mmask16 ok = live ? (__mmask16)okbits[bh * nblk + j / BLOCK] : 0;
+            _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok, a));
+        }
+#endif
+        for (; j < c1; j++) {
+            float a = 0.f;
+            for (int g = 0; g < G; g++) {
+                float pr = sbh[g * n + j] * f[g];
+                a = agg_max ? (pr > a ? pr : a) : a + pr;
+            }
+            o[j] = (live && ((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1)) ? a : -1.f;
+        }
+    }
+}
+
 #define SCORE_AHEAD 64
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
                        int64_t *p) {
@@ -680,72 +757,159 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
 #ifdef __AVX512F__
             for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
 #endif
-            for (int g = 0; g < G; g++) {          /* scores -> exp(score - chunk max), summed (0 where masked) */
-                float mx = st[2 * g], acc = 0.f, *e = sbh + g * n;
-                int64_t j = c * CH;
-                if (mx == -INFINITY) { memset(e + j, 0, sizeof(float) * (size_t)(c1 - j)); continue; }
-#ifdef __AVX512F__
-                __m512 va = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-                for (; j + 16 <= c1; j += 16) {
-                    __m512 x = _mm512_loadu_ps(e + j);
-                    x = exp512(_mm512_sub_ps(x, vm), _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ));
-                    _mm512_storeu_ps(e + j, x);
-                    va = _mm512_add_ps(va, x);
-                }
-                acc = _mm512_reduce_add_ps(va);
-#endif
-                for (; j < c1; j++) { e[j] = e[j] == -INFINITY ? 0.f : expf(e[j] - mx); acc += e[j]; }
-                st[2 * g + 1] = acc;
-            }
+            chunk_exp(sbh, st, n, c * CH, c1, G);
         }
-        #pragma omp for schedule(static)
-        for (int64_t bhg = 0; bhg < (int64_t)B * KVH * G; bhg++) {
-            int64_t bh = bhg / G;
-            int g = (int)(bhg % G);
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t c = 0; c < nc; c++) { float m = stat[((bh * nc + c) * G + g) * 2]; mx = m > mx ? m : mx; }
-            if (mx != -INFINITY)
-                for (int64_t c = 0; c < nc; c++) {
-                    const float *st = stat + ((bh * nc + c) * G + g) * 2;
-                    if (st[0] != -INFINITY) sum += st[1] * expf(st[0] - mx);
-                }
-            glob[bhg * 2] = mx;
-            glob[bhg * 2 + 1] = sum;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t it = 0; it < items; it++) {       /* probability = exp(score - chunk max) * this factor */
-            int64_t bh = it / nc, c = it % nc;
-            const float *sbh = s + bh * G * n, *st = stat + it * G * 2;
-            float *o = out + bh * n, f[MAXG];
-            int live = 0;                               /* some head has a distribution: a candidate can score */
-            for (int g = 0; g < G; g++) {
-                float gmx = glob[(bh * G + g) * 2], sum = glob[(bh * G + g) * 2 + 1];
-                live |= sum > 0.f;
-                f[g] = sum > 0.f && st[2 * g] != -INFINITY ? expf(st[2 * g] - gmx) / sum : 0.f;
-            }
-            int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
-            int64_t j = c * CH;
-#ifdef __AVX512F__
-            for (; j + 16 <= c1; j += 16) {
-                __m512 a = _mm512_setzero_ps();
-                for (int g = 0; g < G; g++) {
-                    __m512 pr = _mm512_mul_ps(_mm512_loadu_ps(sbh + g * n + j), _mm512_set1_ps(f[g]));
-                    a = agg_max ? _mm512_max_ps(a, pr) : _mm512_add_ps(a, pr);
-                }
-                __mmask16 ok = live ? (__mmask16)okbits[bh * nblk + j / BLOCK] : 0;
-                _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-1.f), ok, a));
-            }
-#endif
-            for (; j < c1; j++) {
-                float a = 0.f;
-                for (int g = 0; g < G; g++) {
-                    float pr = sbh[g * n + j] * f[g];
-                    a = agg_max ? (pr > a ? pr : a) : a + pr;
-                }
-                o[j] = (live && ((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1)) ? a : -1.f;
-            }
-        }
+        merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
     }
+    free(okbits);
+    free(glob);
+    free(stat);
+    free(s);
+}
+
+/* ------------------------------------------------------------------------------------------------ key sketch */
+
+/* A 4-bit copy of the keys, for the candidate scan (a quarter of a bf16 key's bytes): per (slot, KV head) token p
+ * is quantized over its D channels, u = round((k - min) * 15 / (max - min)), kept as scale (max - min) / 15 and
+ * min (kq rows 0 and 1, [2, T] floats) and D / 2 bytes of nibbles in blocks of 16 tokens, laid out for VNNI: block
+ * p / 16 holds D / 8 vectors of 64 bytes, vector v has token t's channels 4v..4v+3 at bytes 4t..4t+3 in the low
+ * nibbles and channels D/2 + 4v.. in the high ones. One multiply-add then scores 4 channels of 16 tokens. */
+static void sketch_token(const void *krow, int bf, uint8_t *blk, float *kq, int64_t T, int64_t p, int D) {
+    float x[512], mn = INFINITY, mx = -INFINITY;
+    for (int d = 0; d < D; d++) {
+        x[d] = bf ? bf2f(((const bf16 *)krow)[d]) : ((const float *)krow)[d];
+        mn = x[d] < mn ? x[d] : mn;
+        mx = x[d] > mx ? x[d] : mx;
+    }
+    float inv = mx > mn ? 15.f / (mx - mn) : 0.f;
+    int t = (int)(p % 16), half = D / 2;
+    for (int d = 0; d < half; d++) {
+        int lo = (int)nearbyintf((x[d] - mn) * inv), hi = (int)nearbyintf((x[d + half] - mn) * inv);
+        lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
+        hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+        blk[(d / 4) * 64 + t * 4 + d % 4] = (uint8_t)(lo | hi << 4);
+    }
+    kq[p] = (mx - mn) / 15.f;
+    kq[T + p] = mn;
+}
+
+/* Sketch the keys at positions [start[b], start[b] + count) of every row and KV head. k: the layer's [B, KVH, T, D]
+ * store view (element strides sb, sh); ks: [B, KVH, T / 16 blocks, 8 D] bytes (strides kb, kh); kq: [B, KVH, 2, T]
+ * floats (strides qb, qh). */
+void sketch_write(const void *k, int bf, int64_t sb, int64_t sh, uint8_t *ks, int64_t kb, int64_t kh, float *kq,
+                  int64_t qb, int64_t qh, int64_t T, const int64_t *start, int64_t count, int B, int KVH, int D,
+                  int nthreads) {
+    int es = bf ? 2 : 4;
+    int64_t items = (int64_t)B * KVH * count;
+    #pragma omp parallel for schedule(static) num_threads(items >= 256 ? nthreads : 1)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t bh = it / count, p = start[bh / KVH] + it % count;
+        int b = (int)(bh / KVH), h = (int)(bh % KVH);
+        sketch_token((const char *)k + ((b * sb + h * sh) + p * D) * es, bf, ks + b * kb + h * kh + (p / 16) * 8 * D,
+                     kq + b * qb + h * qh, T, p, D);
+    }
+}
+
+/* score()'s aggregated probabilities of positions [0, n), masked outside [lo, hi[b]), from the sketch instead of
+ * the keys: q . k ~ scale_p (q . u_p) + min_p sum(q), with q quantized to int8 per query head for the integer dot
+ * products (exact, and the torch reference does the same). */
+void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb, int64_t kh, int64_t qb,
+                  int64_t qh, int64_t T, int64_t lo, const int64_t *hi, int64_t n, float *out, int B, int KVH, int G,
+                  int D, float scale, int agg_max, int nthreads) {
+    const int64_t CH = 1024;
+    int64_t nc = (n + CH - 1) / CH, items = (int64_t)B * KVH * nc, nblk = (n + BLOCK - 1) / BLOCK;
+    int nq = B * KVH * G, V = D / 8;
+    float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);
+    float *stat = malloc(sizeof(float) * (size_t)items * G * 2);
+    float *glob = malloc(sizeof(float) * (size_t)nq * 2);
+    uint16_t *okbits = malloc(sizeof(uint16_t) * (size_t)(B * KVH * nblk > 0 ? B * KVH * nblk : 1));
+    int8_t *qi = malloc((size_t)nq * D);                 /* per query head: int8 query, its scale, its sum */
+    float *qs = malloc(sizeof(float) * (size_t)nq * 2);
+    for (int i = 0; i < nq; i++) {
+        const float *qr = q + (int64_t)i * D;
+        float amax = 0.f, sum = 0.f;
+        for (int d = 0; d < D; d++) { amax = fabsf(qr[d]) > amax ? fabsf(qr[d]) : amax; sum += qr[d]; }
+        float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int d = 0; d < D; d++) qi[(int64_t)i * D + d] = (int8_t)nearbyintf(qr[d] * inv);
+        qs[2 * i] = amax / 127.f;
+        qs[2 * i + 1] = sum;
+    }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t it = 0; it < items; it++) {
+            int64_t bh = it / nc, c = it % nc;
+            int b = (int)(bh / KVH), h = (int)(bh % KVH);
+            const uint8_t *kbh = ks + b * kb + h * kh;
+            const float *sc = kq + b * qb + h * qh, *mn = sc + T;
+            float *sbh = s + bh * G * n, *st = stat + it * G * 2;
+            int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
+            for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
+            for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
+                int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
+                uint16_t ok = 0;
+                for (int j = 0; j < nb; j++) ok |= (uint16_t)((j0 + j >= lo && j0 + j < hi[b]) << j);
+                okbits[bh * nblk + j0 / BLOCK] = ok;
+                const uint8_t *blk = kbh + (j0 / 16) * 8 * D;
+                int32_t dot[MAXG * BLOCK];
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+                __m512i acc[MAXG];
+                for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_si512();
+                const __m512i m4 = _mm512_set1_epi8(15);
+                for (int v = 0; v < V; v++) {
+                    __m512i x = _mm512_loadu_si512(blk + v * 64);
+                    __m512i lo4 = _mm512_and_si512(x, m4), hi4 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+                    for (int g = 0; g < G; g++) {
+                        const int8_t *qg = qi + (bh * G + g) * D;
+                        int32_t a, z;
+                        memcpy(&a, qg + 4 * v, 4);
+                        memcpy(&z, qg + D / 2 + 4 * v, 4);
+                        acc[g] = _mm512_dpbusd_epi32(acc[g], lo4, _mm512_set1_epi32(a));
+                        acc[g] = _mm512_dpbusd_epi32(acc[g], hi4, _mm512_set1_epi32(z));
+                    }
+                }
+                __mmask16 live = (__mmask16)(nb < 16 ? (1u << nb) - 1u : 0xFFFFu);
+                __m512 vsc = _mm512_maskz_loadu_ps(live, sc + j0), vmn = _mm512_maskz_loadu_ps(live, mn + j0);
+                for (int g = 0; g < G; g++) {
+                    const float *qq = qs + 2 * (bh * G + g);
+                    __m512 x = _mm512_fmadd_ps(_mm512_mul_ps(vsc, _mm512_set1_ps(qq[0])), _mm512_cvtepi32_ps(acc[g]),
+                                               _mm512_mul_ps(vmn, _mm512_set1_ps(qq[1])));
+                    x = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), (__mmask16)ok, x, _mm512_set1_ps(scale));
+                    _mm512_mask_storeu_ps(sbh + g * n + j0, live, x);
+                    st[2 * g] = fmaxf(st[2 * g], _mm512_mask_reduce_max_ps(live, x));
+                }
+                continue;
+#else
+                for (int g = 0; g < G; g++) {
+                    const int8_t *qg = qi + (bh * G + g) * D;
+                    for (int j = 0; j < BLOCK; j++) {
+                        int32_t a = 0;
+                        for (int v = 0; v < V; v++)
+                            for (int e = 0; e < 4; e++) {
+                                uint8_t u = blk[v * 64 + j * 4 + e];
+                                a += (u & 15) * qg[4 * v + e] + (u >> 4) * qg[D / 2 + 4 * v + e];
+                            }
+                        dot[g * BLOCK + j] = a;
+                    }
+                }
+#endif
+                for (int g = 0; g < G; g++) {
+                    const float qsc = qs[2 * (bh * G + g)], qsum = qs[2 * (bh * G + g) + 1];
+                    for (int j = 0; j < nb; j++) {
+                        int64_t p = j0 + j;
+                        float x = (ok >> j) & 1 ? (sc[p] * qsc * (float)dot[g * BLOCK + j] + mn[p] * qsum) * scale
+                                                : -INFINITY;
+                        sbh[g * n + p] = x;
+                        st[2 * g] = x > st[2 * g] ? x : st[2 * g];
+                    }
+                }
+            }
+            chunk_exp(sbh, st, n, c * CH, c1, G);
+        }
+        merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
+    }
+    free(qs);
+    free(qi);
     free(okbits);
     free(glob);
     free(stat);

@@ -154,6 +154,49 @@ def page_append(k, pmin, pmax, start, page_size) -> None:
     pmax[rows, :, page] = torch.where(first, new, torch.maximum(pmax[rows, :, page], new))
 
 
+def sketch_write(k, ks, kq, start, count) -> None:
+    b, kvh, t, d = k.shape
+    blocks = ks.view(b, kvh, ks.shape[2], d // 8, 16, 4)                 # [.., block, vector, token, channel]
+    for r in range(b):
+        p = torch.arange(int(start[r]), int(start[r]) + count, device=k.device)
+        x = k[r, :, p].float()                                            # [KVH, n, D]
+        mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        inv = torch.where(mx > mn, 15.0 / (mx - mn), torch.zeros_like(mx))
+        u = torch.round((x - mn) * inv).clamp(0, 15).to(torch.uint8)
+        byte = (u[..., :d // 2] | (u[..., d // 2:] << 4)).view(kvh, count, d // 8, 4)
+        blocks[r][:, p // 16, :, p % 16] = byte.transpose(0, 1)                 # advanced dims first: [n, KVH, ...]
+        kq[r, :, 0, p] = ((mx - mn) / 15.0)[..., 0]
+        kq[r, :, 1, p] = mn[..., 0]
+
+
+def sketch_keys(ks, kq, n) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sketch of positions ``[0, n)``: nibbles ``u [B, KVH, n, D]`` (fp64), scale and min ``[B, KVH, n]``."""
+    b, kvh, blocks, w = ks.shape
+    d = w // 8
+    x = ks.view(b, kvh, blocks, d // 8, 16, 4).transpose(3, 4).reshape(b, kvh, blocks * 16, d // 2)[:, :, :n]
+    u = torch.cat([x & 15, x >> 4], -1).double()
+    return u, kq[:, :, 0, :n].double(), kq[:, :, 1, :n].double()
+
+
+def sketch_score(q, ks, kq, scale, lo, hi, n, aggregate="sum") -> torch.Tensor:
+    """As the C kernel: q quantized to int8 per query head (round half to even), exact integer dots with the
+    nibbles, then ``scale_p * q_scale * dot + min_p * sum(q)``; softmax and aggregation as :func:`score`."""
+    b, kvh, g, d = q.shape
+    u, sc, mn = sketch_keys(ks, kq, n)
+    qf = q.float()
+    amax = qf.abs().amax(-1, keepdim=True)
+    qi = torch.round(qf * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).double()
+    dots = torch.matmul(qi, u.transpose(-1, -2))                                   # [B, KVH, G, n]
+    s = (sc[:, :, None] * (amax.double() / 127.0) * dots + mn[:, :, None] * qf.double().sum(-1, keepdim=True))
+    s = s.float() * scale
+    pos = torch.arange(n, device=q.device)
+    ok = ((pos >= lo) & (pos < hi.to(q.device)[:, None]))[:, None, :].expand(b, kvh, n)
+    s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    agg = p.sum(2) if aggregate == "sum" else p.amax(2)
+    return agg.masked_fill(~ok, -1.0)
+
+
 def _int4_q(w4) -> torch.Tensor:
     """The integers ``[N, K/32, 32]`` of :func:`asyncspade.kernels.linear_i4`'s packed layout (group g's byte j: column
     32g + j in its low nibble, 32g + 16 + j in its high one)."""

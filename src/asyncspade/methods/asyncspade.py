@@ -22,6 +22,10 @@ from ..kvcache import Batch
 from .base import Selection, SelectionContext, SelectionMethod
 
 
+SKETCH_ROW = (32 + 8) / 128   # a token of the key sketch (head_dim / 2 bytes of nibbles, fp32 scale and min) in
+                               # key rows of bf16 at head_dim 64
+
+
 class AsyncSpade(SelectionMethod):
     name = "asyncspade"
     ahead = True
@@ -30,6 +34,10 @@ class AsyncSpade(SelectionMethod):
     def needs_pages(cls, cfg):
         return cfg.prefilter == "pages"          # the step-ahead pass pre-selects pages by their Quest bound
 
+    @classmethod
+    def needs_sketch(cls, cfg):
+        return cfg.prefilter == "sketch"         # the step-ahead pass scores every token from the 4-bit key copy
+
     def selection_rows(self, plan=None):
         """In-line: the refinement's candidates (keys). Ahead: the step-ahead pass's page bounds (or every key),
         once per ``refresh`` steps, and the cross-layer pass's keys (its candidates, or every key)."""
@@ -37,9 +45,9 @@ class AsyncSpade(SelectionMethod):
         refresh = plan.refresh if plan is not None else 1
         inline = (plan.result_width if plan is not None and plan.refine else 0.0, 0.0)
         temporal = plan is None or plan.temporal
-        scan = (2.0 / c.page_size if c.prefilter == "pages" else 1.0) / refresh if temporal else 0.0
-        rescore = 0.0           # ridge with the page prefilter, unrefined: the pages' tokens scored with the forecast
-        if plan is not None and plan.page_prefilter and not plan.refine and not plan.hybrid:
+        scan = {"pages": 2.0 / c.page_size, "sketch": SKETCH_ROW, "none": 1.0}[c.prefilter] / refresh if temporal else 0.0
+        rescore = 0.0           # ridge with a prefilter, unrefined: the proposed tokens scored with the forecast
+        if plan is not None and plan.prefilter != "none" and not plan.refine and not plan.hybrid:
             rescore = plan.prefilter_tokens / refresh
         xlayer = 0.0, 0.0
         if plan is not None and plan.xlayer:

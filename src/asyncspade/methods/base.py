@@ -43,6 +43,17 @@ class SelectionMethod:
         """Whether, with settings ``cfg``, the KV store must keep Quest page min/max for this method."""
         return False
 
+    @classmethod
+    def needs_sketch(cls, cfg: SparseConfig) -> bool:
+        """Whether, with settings ``cfg``, the KV store must keep the 4-bit key sketch for this method."""
+        return False
+
+    @classmethod
+    def store_needs(cls, cfg: SparseConfig) -> dict[str, bool]:
+        """What the KV store must derive from the keys for this method: :class:`~asyncspade.kvcache.KVStore`'s
+        ``track_pages`` and ``track_sketch``."""
+        return {"track_pages": cls.needs_pages(cfg), "track_sketch": cls.needs_sketch(cfg)}
+
     def __init__(self, cfg: SparseConfig):
         self.cfg = cfg
 

@@ -112,11 +112,11 @@ class _CacheRank:
     in-process selector runs (windows, step-ahead candidates, cross-layer refinement); jobs in, indices out."""
 
     def __init__(self, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int, track_pages: bool,
-                 page_size: int, scale: float):
+                 track_sketch: bool, page_size: int, scale: float):
         self.wire = wire
         # keys only: the values are never touched (calloc'd pages cost nothing until written)
         self.store = KVStore(num_sparse, wire.slots, wire.kv_heads, max_tokens, wire.head_dim, wire.dtype,
-                             page_size, track_pages)
+                             page_size, track_pages, track_sketch=track_sketch)
         # the store holds only the sparse layers, so a sparse layer's index is its layer number here
         self.selector = SyncSelector(cfg, self.store, wire.heads, list(range(num_sparse)), scale)
         self.out = wire.result()
@@ -140,11 +140,10 @@ class _CacheRank:
             raise _PeerGone from e
 
     def add_keys(self, li: int, slot: int, pos: int, rows: torch.Tensor) -> None:
-        """Keys ``rows [KVH, n, D]`` of positions ``pos..pos+n`` (and the min/max of the pages they touch)."""
+        """Keys ``rows [KVH, n, D]`` of positions ``pos..pos+n`` (and what derives from them: pages, sketch)."""
         n = rows.shape[1]
         self.store.k[li, slot, :, pos:pos + n] = rows
-        if self.store.track_pages:
-            self.store.rebuild_pages(li, slot, pos, pos + n)
+        self.store.rebuild(li, slot, pos, pos + n)
 
     def run(self, pg) -> None:
         self.pg = pg
@@ -179,10 +178,10 @@ class _CacheRank:
 
 
 def _worker_main(backend: str, path: str, cfg: SparseConfig, wire: Wire, num_sparse: int, max_tokens: int,
-                 track_pages: bool, page_size: int, scale: float) -> None:
+                 track_pages: bool, track_sketch: bool, page_size: int, scale: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
-    rank = _CacheRank(cfg, wire, num_sparse, max_tokens, track_pages, page_size, scale)
+    rank = _CacheRank(cfg, wire, num_sparse, max_tokens, track_pages, track_sketch, page_size, scale)
     store = dist.FileStore(path, 2)
     store.set("ready", "1")
     pg = GROUPS[backend](store, 1)
@@ -236,7 +235,8 @@ class DistSelector(RemoteSelector):
         self._store = dist.FileStore(path, 2)
         self.proc = mp.get_context("spawn").Process(
             target=_worker_main, daemon=True, name="asyncspade-cache-rank",
-            args=(backend, path, cfg, self.wire, n, store.max_tokens, store.track_pages, store.page_size, scale))
+            args=(backend, path, cfg, self.wire, n, store.max_tokens, store.track_pages, store.track_sketch,
+                  store.page_size, scale))
         self.proc.start()
         t_end = time.perf_counter() + 300               # a cold start imports torch: seconds, more on a busy box
         while not self._store.check(["ready"]):

@@ -12,7 +12,7 @@ import torch
 from ..config import SparseConfig
 from ..kvcache import Batch, KVStore
 from ..predictor import QueryWindows
-from .passes import temporal_pass, xlayer_pass
+from .passes import KeySummaries, temporal_pass, xlayer_pass
 from .plan import SelectionPlan
 
 
@@ -66,7 +66,7 @@ class SyncSelector:
             return
         keys = self.store.k[layer, rows]
         idx, q_hat = temporal_pass(self.plan, self.windows, li, keys, batch.lo, batch.hi, batch.lengths, q,
-                                   self.scale, self.store.pages(layer, batch.lo, batch.hi))
+                                   self.scale, KeySummaries.of(self.store, layer, batch.lo, batch.hi))
         self.ahead[rows, li] = idx
         self.ahead_len[rows, li] = next_len
         self.made[rows, li] = next_len

@@ -15,9 +15,11 @@ class SelectionPlan:
     cfg: SparseConfig
     temporal: bool          # a step-ahead pass after each sparse layer's attention: ridge forecast of the next query
     xlayer: bool            # a cross-layer pass when the residual enters layer l - lead; it makes the final selection
-    page_prefilter: bool    # the step-ahead pass pre-selects pages by the Quest bound of the forecast query
+    prefilter: str          # how the step-ahead pass proposes tokens without reading every key: "sketch" (every
+                            # token scored from the store's 4-bit key copy), "pages" (whole pages by their Quest
+                            # bound), or "none" (every key scored exactly)
     ahead_width: int        # entries the step-ahead pass keeps per (slot, layer, KV head)
-    prefilter_tokens: int   # tokens in the pages the prefilter keeps (with page_prefilter)
+    prefilter_tokens: int   # tokens the prefilter keeps (0 without one)
     refine: bool            # the final ahead pass proposes candidates; the layer's true query picks k in-line
     refresh: int            # steps between step-ahead passes (refine only)
 
@@ -54,6 +56,7 @@ class SelectionPlan:
         xlayer = cfg.predictor in ("xlayer", "hybrid")
         hybrid = temporal and xlayer
         pages = cfg.prefilter == "pages"
+        prefilter = cfg.prefilter != "none"
         refine = cfg.refine and not hybrid      # hybrid refines with the cross-layer forecast instead
         superset = hybrid or refine             # the ahead pass keeps superset * k candidates, not the final k
         width = cfg.superset * cfg.k_mid if superset else cfg.k_mid
@@ -62,7 +65,7 @@ class SelectionPlan:
         width = min(width, max_tokens - cfg.sink)
         if pages and superset:
             width = max(cfg.page_size, width - width % cfg.page_size)          # whole pages
-        # the prefilter's pages are the candidates (a superset), or hold superset * k tokens to rank (ridge)
-        tokens = (width if superset else max(width, cfg.superset * cfg.k_mid)) if pages else 0
+        # the prefilter's tokens are the candidates (a superset), or superset * k tokens to rank exactly (ridge)
+        tokens = (width if superset else max(width, cfg.superset * cfg.k_mid)) if prefilter else 0
         refresh = cfg.refresh if refine else 1          # without refine the step-ahead pass is the selection
-        return cls(cfg, temporal, xlayer, pages, width + refresh - 1, tokens, refine, refresh)
+        return cls(cfg, temporal, xlayer, cfg.prefilter, width + refresh - 1, tokens, refine, refresh)

@@ -40,7 +40,8 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None     # the event loop, once serving
         m = engines.model
         self.spec = Spec(name, engines.tokenizer, m.config.vocab_size, engines.max_batch, engines.context,
-                         engines.default, m.config.num_hidden_layers, engines.store.track_pages)
+                         engines.default, m.config.num_hidden_layers, engines.store.track_pages,
+                         engines.store.track_sketch)
 
     def drain(self) -> None:
         """Called from a signal handler: hand the drain to the event loop (no locks taken here)."""

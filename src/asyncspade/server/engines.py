@@ -138,8 +138,8 @@ class Engines:
         """The one KV store, in shared memory when the asynchronous selector may run (and there is room for it)."""
         cfg = self.model.config
         dtype = kv_store_dtype(self.model, self.options.get("kv_dtype", DEFAULT_KV_DTYPE))
-        pages = method_class(self.default).needs_pages(self.default)
-        need = store_bytes(cfg, self.max_batch, self.context, dtype.itemsize, self.default.page_size, pages)
+        needs = method_class(self.default).store_needs(self.default)
+        need = store_bytes(cfg, self.max_batch, self.context, dtype.itemsize, self.default.page_size, **needs)
         hint = ", or lower --max-batch / --max-model-len"
         if requested not in (None, "auto", "async"):
             selector = requested
@@ -150,7 +150,7 @@ class Engines:
 
         def allocate(shared: bool) -> KVStore:
             return KVStore(cfg.num_hidden_layers, self.max_batch, cfg.num_key_value_heads, self.context,
-                           head_dim(cfg), dtype, self.default.page_size, track_pages=pages, shared=shared,
+                           head_dim(cfg), dtype, self.default.page_size, shared=shared, **needs,
                            device=self.options.get("device", "cpu"))
         if selector != "async":
             return allocate(False), selector

@@ -67,6 +67,7 @@ class Spec:
     default: SparseConfig
     num_layers: int
     pages: bool                     # the KV store keeps page min/max (needed by quest and the page prefilter)
+    sketch: bool                    # the KV store keeps the 4-bit key sketch (needed by the sketch prefilter)
 
 
 @dataclass
@@ -213,6 +214,10 @@ def _sparse(body: dict, spec: Spec) -> SparseConfig:
     if method_class(cfg).needs_pages(cfg) and not spec.pages:
         raise APIError(400, f"{method} with these settings needs page summaries in the KV store, which this server "
                        "keeps only when its own --method needs them (quest, or --prefilter pages)", "asyncspade")
+    if method_class(cfg).needs_sketch(cfg) and not spec.sketch:
+        raise APIError(400, f"{method} with these settings needs the key sketch in the KV store, which this server "
+                       "keeps only when its own --method needs it (asyncspade or lastq with --prefilter sketch)",
+                       "asyncspade")
     return cfg
 
 
