@@ -2,7 +2,7 @@
 worker's core), for a synthetic filled key cache. Explains the late rates of ``asyncspade bench``: with the
 cross-layer forecast (lead 1) the refinement of a layer must finish within one layer of the forward.
 
-    python scripts/selection_cost.py --batch 1,8 --contexts 8192,32768 --superset 2,4
+    python scripts/selection_cost.py --batch 1,8 --contexts 8192,32768 --superset 2,4 --prefilter pages,sketch
 
 Prints a table (ms per layer and per decode step = x sparse layers) and the bytes each pass reads.
 """
@@ -16,7 +16,7 @@ import torch
 from asyncspade.config import SparseConfig
 from asyncspade.kvcache import KVStore
 from asyncspade.predictor import QueryWindows
-from asyncspade.selection.passes import temporal_pass, xlayer_pass
+from asyncspade.selection.passes import KeySummaries, temporal_pass, xlayer_pass
 from asyncspade.selection.plan import SelectionPlan
 
 # the bundled model's attention shape
@@ -31,12 +31,13 @@ def timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def measure(batch: int, context: int, superset: int, budget: int, reps: int) -> dict:
-    cfg = SparseConfig(method="asyncspade", budget=budget, prefilter="pages", superset=superset)
-    store = KVStore(1, batch, KV_HEADS, context + 64, HEAD_DIM, torch.float32, cfg.page_size, track_pages=True)
+def measure(batch: int, context: int, superset: int, budget: int, reps: int, prefilter: str) -> dict:
+    cfg = SparseConfig(method="asyncspade", budget=budget, prefilter=prefilter, superset=superset)
+    store = KVStore(1, batch, KV_HEADS, context + 64, HEAD_DIM, torch.bfloat16, cfg.page_size, track_pages=True,
+                    track_sketch=True)
     store.k.normal_()
     for s in range(batch):
-        store.rebuild_pages(0, s, 0, context)
+        store.rebuild(0, s, 0, context)
     plan = SelectionPlan.of(cfg, store.max_tokens)
     windows = QueryWindows(batch, 1, HEADS, cfg.window, HEAD_DIM)
     lengths = torch.full((batch,), context)
@@ -46,16 +47,18 @@ def measure(batch: int, context: int, superset: int, budget: int, reps: int) -> 
     scale = HEAD_DIM ** -0.5
 
     def temporal():
-        return temporal_pass(plan, windows, 0, store.k[0], 0, batch, lengths, q, scale, store.pages(0, 0, batch))
+        return temporal_pass(plan, windows, 0, store.k[0], 0, batch, lengths, q, scale,
+                             KeySummaries.of(store, 0, 0, batch))
 
     cand, _ = temporal()
     q_x = torch.randn(batch, HEADS, HEAD_DIM)
     t_temporal = timed(temporal, reps)
     t_xlayer = timed(lambda: xlayer_pass(plan, q_x, store.k[0], lengths, scale, cand), reps)
-    row = 4 * HEAD_DIM * KV_HEADS * batch                       # fp32 key bytes per position, all rows
-    return {"batch": batch, "context": context, "superset": superset, "temporal_ms": t_temporal * 1e3,
-            "xlayer_ms": t_xlayer * 1e3, "temporal_mb": 2 * row * context / cfg.page_size / 1e6,
-            "xlayer_mb": row * cand.shape[-1] / 1e6}
+    row = 2 * HEAD_DIM * KV_HEADS * batch                       # bf16 key bytes per position, all rows
+    scanned = {"pages": 2 * row / cfg.page_size, "sketch": (HEAD_DIM // 2 + 8) * KV_HEADS * batch, "none": row}
+    return {"batch": batch, "context": context, "superset": superset, "prefilter": prefilter,
+            "temporal_ms": t_temporal * 1e3, "xlayer_ms": t_xlayer * 1e3,
+            "temporal_mb": scanned[prefilter] * context / 1e6, "xlayer_mb": row * cand.shape[-1] / 1e6}
 
 
 def main() -> None:
@@ -66,18 +69,20 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024, help="tokens per sparse layer and KV head (default 1024)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per pass (default 10)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: the worker's core)")
+    p.add_argument("--prefilter", default="pages", help="step-ahead prefilters, comma-separated: pages, sketch, none "
+                   "(default pages)")
     args = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]          # noqa: E731
     torch.set_num_threads(args.threads)
-    print(f"| batch | context | superset | step-ahead pass ms/layer (MB read) | cross-layer refinement ms/layer (MB) "
-          f"| both, ms per step (x{SPARSE_LAYERS}) |")
-    print("|---|---|---|---|---|---|")
+    print(f"| batch | context | superset | prefilter | step-ahead pass ms/layer (MB read) | cross-layer refinement "
+          f"ms/layer (MB) | both, ms per step (x{SPARSE_LAYERS}) |")
+    print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for b in ints(args.batch):
             for n in ints(args.contexts):
-                for sup in ints(args.superset):
-                    r = measure(b, n, sup, args.budget, args.reps)
-                    print(f"| {b} | {n} | {sup} | {r['temporal_ms']:.2f} ({r['temporal_mb']:.1f}) | "
+                for sup, pf in ((x, y) for x in ints(args.superset) for y in args.prefilter.split(",")):
+                    r = measure(b, n, sup, args.budget, args.reps, pf.strip())
+                    print(f"| {b} | {n} | {sup} | {pf} | {r['temporal_ms']:.2f} ({r['temporal_mb']:.1f}) | "
                           f"{r['xlayer_ms']:.2f} ({r['xlayer_mb']:.1f}) | "
                           f"{(r['temporal_ms'] + r['xlayer_ms']) * SPARSE_LAYERS:.0f} |")
 
