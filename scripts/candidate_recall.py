@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4016, help="candidates per KV head (default 4016)")
     ap.add_argument("--refresh", type=int, default=4, help="steps between candidate lists (default 4)")
     ap.add_argument("--ways", default="pages,sketch,exact", help="ways to propose (default pages,sketch,exact)")
+    ap.add_argument("--query", default="forecast", choices=["forecast", "next"],
+                    help="what proposes: the ridge forecast, or the next step's true query (a perfect forecast; "
+                    "default forecast)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     Q, K = record(args.trace, args.prefill)
@@ -133,7 +136,8 @@ def main() -> None:
                     got[w][2] += 1
                 if (t + li) % args.refresh == 0 or w not in cand:    # a refresh after this step's attention
                     win = Q[li, :, max(0, t - 15):t + 1].unsqueeze(0)
-                    q_hat = forecast(win, torch.tensor([win.shape[2]]))[0]
+                    q_hat = (forecast(win, torch.tensor([win.shape[2]]))[0] if args.query == "forecast"
+                             else Q[li, :, min(t + 1, T - 1)])
                     cand[w] = proposal(w, q_hat, K[li], n + 1 - RECENT, args.candidates, kvh)
         print(f"layer {li} done", flush=True)
     miss0 = 1 - oracle[0] / oracle[1]

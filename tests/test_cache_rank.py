@@ -33,6 +33,7 @@ def generate(model, tok, cfg, prompts, n, selector, on_late="wait", kill_after=N
     ("asyncspade", "ridge", "pages", {"superset": 2, "min_candidates": 0}),          # the defaults, fewer candidates
     ("asyncspade", "ridge", "sketch", {"superset": 2, "min_candidates": 0}),         # the store's key sketch
     ("asyncspade", "ridge", "sketch", {"refine": False}),
+    ("asyncspade", "ridge", "pages", {"superset": 2, "min_candidates": 0, "check": 8}),   # the in-line check
     ("lastq", "ridge", "none", {"superset": 2, "min_candidates": 0, "refresh": 1}),
     ("asyncspade", "xlayer", "none", {"superset": 2, "min_candidates": 0, "refresh": 1})])
 def test_async_selects_like_sync(tiny_llama, method, predictor, prefilter, refine):

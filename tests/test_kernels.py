@@ -162,6 +162,10 @@ def test_topk_matches_reference_and_breaks_ties_low():
     assert torch.equal(K.topk(s, 40, idx=idx), R.topk(s, 40, idx=idx))
     assert torch.equal(K.topk(s, 8, lo=2, expand=16), R.topk(s, 8, lo=2, expand=16))
     assert torch.equal(K.topk(s[..., :3], 5), R.topk(s[..., :3], 5))              # fewer candidates than k
+    big = torch.randn(2, 3, 40_000, generator=g)                  # a few of many (the in-line check's case)
+    big[1, 2, 1000:1100] = 9.0                                    # more equal best scores than k: the lowest win
+    for k in (1, 20, 64, 700):
+        assert torch.equal(K.topk(big, k), R.topk(big, k))
     # a candidate list of pages: tokens at or past hi are -1, then the positions reserved from hi on (capped)
     hi = torch.tensor([70, 7990])
     got = K.topk(s, 8, lo=2, expand=16, hi=hi, gap=3, limit=7992)

@@ -561,3 +561,39 @@ def test_key_summaries_follow_every_write(tiny_llama, chunk, weights, method):
                 blocks = st.ks[layer, slot, :, :(m + 15) // 16].view(st.kv_heads, -1, st.head_dim // 8, 16, 4)
                 want = fresh.ks[layer, 0, :, :(m + 15) // 16].view(blocks.shape)
                 assert torch.equal(blocks.transpose(2, 3).flatten(1, 2)[:, :m], want.transpose(2, 3).flatten(1, 2)[:, :m])
+
+
+def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
+    """The in-line check: the layer's true query scores the whole cache from the key sketch and its best tokens join
+    the forecast's candidates (never twice), so a token it attends to strongly is picked even when no forecast
+    proposed it."""
+    from asyncspade.methods import method_class
+    from asyncspade.selection.passes import refine, with_check
+    from asyncspade.selection.plan import SelectionPlan
+    T, n, d = 400, 300, 16
+    store = KVStore(1, 1, 2, T, d, torch.float32, page_size=8, track_sketch=True)
+    g = torch.Generator().manual_seed(9)
+    store.k[0, 0, :, :n] = torch.randn(2, n, d, generator=g) * 0.3
+    q = torch.randn(1, 4, d, generator=g)
+    store.k[0, 0, 0, 123] = q[0, 0] * 2.0                 # the token KV head 0's first query attends to most
+    store.rebuild(0, 0, 0, n)
+    cfg = SparseConfig(method="asyncspade", budget=48, sink=4, recent=8, dense_layers=0, check=8)
+    assert method_class(cfg).needs_sketch(cfg) and not method_class(cfg.replace(check=0)).needs_sketch(cfg.replace(check=0))
+    plan = SelectionPlan.of(cfg, T)
+    lengths = torch.tensor([n])
+    keep = [p for p in range(cfg.sink, n - cfg.recent) if p != 123][::3]
+    cand = torch.tensor(keep[:120] + [122, 124]).expand(1, 2, -1).contiguous()     # 123 missed, its neighbours not
+    keys = store.k[0, 0:1]
+    plain = refine(plan, q, keys, lengths, cand, 1.0)
+    assert 123 not in plain[0, 0].tolist()
+    union = with_check(plan, q, store.sketch(0, 0, 1), lengths, cand, 1.0)
+    assert union.shape[-1] == cand.shape[-1] + cfg.check
+    for h in range(2):
+        got = [p for p in union[0, h].tolist() if p >= 0]
+        assert len(got) == len(set(got))                   # the check's tokens already among the candidates are -1
+    assert 123 in union[0, 0].tolist()
+    checked = refine(plan, q, keys, lengths, union, 1.0)
+    assert 123 in checked[0, 0].tolist()
+    with pytest.raises(ConfigError, match="check"):
+        cfg.replace(check=-1).validate()
+

@@ -50,6 +50,9 @@ class SparseConfig:
                                 # the exact top-k among them in-line (hybrid refines with its cross-layer forecast)
     refresh: int = 4            # with refine: the step-ahead pass runs every `refresh` steps (<= recent); tokens
                                 # newer than the candidates are kept as candidates of their own
+    check: int = 0              # with refine: tokens the layer's true query adds in-line to the candidates, its
+                                # best of the whole cache scored from the key sketch (what no forecast saw coming;
+                                # reads the sketch, a quarter of the key bytes, every step)
     min_sparse: int | None = None   # caches up to this length decode densely; None: measured by the cost model
                                     # (costmodel.py) when the runtime starts, 0: sparse from the budget on
 
@@ -100,6 +103,8 @@ class SparseConfig:
             raise ConfigError("superset must be >= 1 and min_candidates >= 0")
         if self.prefilter not in PREFILTERS:
             raise ConfigError(f"prefilter must be one of: {', '.join(PREFILTERS)}")
+        if self.check < 0:
+            raise ConfigError(f"check must be >= 0 tokens, got {self.check}")
         if self.min_sparse is not None and self.min_sparse < 0:
             raise ConfigError(f"min_sparse must be >= 0 (or None: measured), got {self.min_sparse}")
         ahead = self.method in ("asyncspade", "lastq")     # the settings of the step-ahead pass concern them only

@@ -20,7 +20,7 @@ from .methods import Selection, make_method
 from .predictor import xlayer_query
 from .selection import Selector, make_selector
 from .selection.candidate_keys import CandidateKeys
-from .selection.passes import refine
+from .selection.passes import refine, with_check
 
 
 MIN_SPARSE_ENV = "ASYNCSPADE_MIN_SPARSE"
@@ -66,7 +66,9 @@ class SparseRuntime:
                                           on_late)
         self.candidate_keys = None     # the refinement's candidates' keys, gathered once per candidate list
         if self.selector is not None and self.selector.plan.refine:
-            self.candidate_keys = CandidateKeys(store, self.sparse_layers, self.selector.plan.result_width)
+            # with the in-line check, its tokens follow the list's in the buffer (gathered again every step)
+            self.candidate_keys = CandidateKeys(store, self.sparse_layers,
+                                                self.selector.plan.result_width + self.cfg.check)
         # cross-layer forecasts: the residual entering layer `src` forecasts the queries of these target layers
         self.xlayer_targets: dict[int, list[int]] = {}
         self._hooks = []
@@ -140,11 +142,16 @@ class SparseRuntime:
         if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
             if sel is not None and sel.candidates:       # the true query picks the exact top-k in-line
-                keys = self.candidate_keys.get(layer, batch, sel.idx, self.selector.generation(layer, batch))
+                cand, generation = sel.idx, self.selector.generation(layer, batch)
+                if self.cfg.check:      # the true query's own best tokens join them (the buffer's last rows)
+                    cand = with_check(self.selector.plan, q, self.store.sketch(layer, batch.lo, batch.hi),
+                                      batch.lengths, cand, self.scale)
+                    generation = None   # a new list every step
+                keys = self.candidate_keys.get(layer, batch, cand, generation)
                 gathered = keys is not None
                 if not gathered:
                     keys = self.store.k[layer, batch.lo:batch.hi]
-                sel = Selection(refine(self.selector.plan, q, keys, batch.lengths, sel.idx, self.scale, gathered))
+                sel = Selection(refine(self.selector.plan, q, keys, batch.lengths, cand, self.scale, gathered))
             self.sparse_calls += sel is not None
             if self.probe is not None:
                 self.probe(layer, q, batch, sel)

@@ -85,6 +85,11 @@ def add_sparse_args(p: argparse.ArgumentParser, method_default: str = "asyncspad
                    "keeps (sketch: a quarter of the key bytes), rank pages by their min/max bound with the forecast "
                    "query and take the best pages' tokens (pages: an eighth, coarser), or score every key exactly "
                    f"(none) (default {d.prefilter})")
+    g.add_argument("--check", type=int, default=d.check,
+                   help="asyncspade/lastq with --refine: the layer's true query adds its best N tokens of the whole "
+                   "cache, scored from a 4-bit key copy, to the forecast's candidates in-line: the tokens no forecast "
+                   "saw coming (reads a quarter of the key bytes every step) (default "
+                   f"{d.check})")
     g.add_argument("--min-candidates", type=int, default=d.min_candidates,
                    help=f"with --refine: at least this many candidates (default {d.min_candidates})")
     g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
@@ -128,8 +133,8 @@ def sparse_from_args(args, method: str | None = None) -> SparseConfig:
                        sink=args.sink, recent=args.recent, dense_layers=args.dense_layers, predictor=args.predictor,
                        lead=args.lead, window=args.window, order=args.order, ridge=args.ridge,
                        ridge_kind=args.ridge_kind, superset=args.superset, aggregate=args.aggregate,
-                       prefilter=args.prefilter, refine=args.refine, refresh=args.refresh, min_sparse=args.min_sparse,
-                       min_candidates=args.min_candidates)
+                       prefilter=args.prefilter, refine=args.refine, refresh=args.refresh, check=args.check,
+                       min_sparse=args.min_sparse, min_candidates=args.min_candidates)
     return cfg.validate()
 
 

@@ -42,6 +42,7 @@ SIGNATURES = {
     "page_append": [_P, _P, _P, _I, _I64, _I64, _I64, _I64, _P, _I, _I, _I, _I],
     "sketch_write": [_P, _I, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I, _I, _I, _I],
     "sketch_score": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
+    "drop_seen": [_P, _I64, _P, _I64, _I64, _I, _I],
     "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _P, _I],
     "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _P, _P, _I64, _I64,
                   _I, _I, _I, _I, _I],
@@ -413,6 +414,18 @@ def sketch_score(q: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, scale: flo
                       kq.shape[3], lo, _ptr(hi), n, _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"),
                       _threads())
     return out
+
+
+def drop_seen(cand: torch.Tensor, extra: torch.Tensor, limit: int) -> torch.Tensor:
+    """``extra [B, KVH, m]`` (positions, < 0 for none) with the entries that are among ``cand [B, KVH, n]`` of the same
+    row and head set to -1 (in place; positions below ``limit``)."""
+    if _forced_torch or not (cand.is_cpu and extra.is_cpu) or (_lib is None and load() is None):
+        return reference.drop_seen(cand, extra, limit)
+    b, kvh, n = cand.shape
+    cand = cand.contiguous()
+    assert extra.is_contiguous() and extra.dtype == cand.dtype == torch.int64
+    _lib.drop_seen(_ptr(cand), n, _ptr(extra), extra.shape[-1], limit, b, kvh)
+    return extra
 
 
 def gather_candidates(k: torch.Tensor, cand: torch.Tensor, held: torch.Tensor, lengths: torch.Tensor,

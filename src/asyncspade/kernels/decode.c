@@ -845,10 +845,17 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
             float *sbh = s + bh * G * n, *st = stat + it * G * 2;
             int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n;
             for (int g = 0; g < G; g++) { st[2 * g] = -INFINITY; st[2 * g + 1] = 0.f; }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+            __m512 vmax[MAXG];
+            for (int g = 0; g < G; g++) vmax[g] = _mm512_set1_ps(-INFINITY);
+#endif
             for (int64_t j0 = c * CH; j0 < c1; j0 += BLOCK) {
                 int nb = (int)(c1 - j0 < BLOCK ? c1 - j0 : BLOCK);
-                uint16_t ok = 0;
-                for (int j = 0; j < nb; j++) ok |= (uint16_t)((j0 + j >= lo && j0 + j < hi[b]) << j);
+                /* positions j0 + [a, z) of the block lie in [lo, hi[b]) */
+                int64_t a = lo - j0, z = hi[b] - j0;
+                a = a < 0 ? 0 : a > nb ? nb : a;
+                z = z < a ? a : z > nb ? nb : z;
+                uint16_t ok = (uint16_t)(((1u << z) - 1u) & ~((1u << a) - 1u));
                 okbits[bh * nblk + j0 / BLOCK] = ok;
                 const uint8_t *blk = kbh + (j0 / 16) * 8 * D;
                 int32_t dot[MAXG * BLOCK];
@@ -876,7 +883,7 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
                                                _mm512_mul_ps(vmn, _mm512_set1_ps(qq[1])));
                     x = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), (__mmask16)ok, x, _mm512_set1_ps(scale));
                     _mm512_mask_storeu_ps(sbh + g * n + j0, live, x);
-                    st[2 * g] = fmaxf(st[2 * g], _mm512_mask_reduce_max_ps(live, x));
+                    vmax[g] = _mm512_mask_max_ps(vmax[g], live, vmax[g], x);
                 }
                 continue;
 #else
@@ -904,6 +911,9 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
                     }
                 }
             }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+            for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
+#endif
             chunk_exp(sbh, st, n, c * CH, c1, G);
         }
         merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
@@ -914,6 +924,23 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
     free(glob);
     free(stat);
     free(s);
+}
+
+/* Entries of extra [B, KVH, m] that are among cand [B, KVH, n] (both positions < T, or < 0 for none) become -1:
+ * a bitmap of each row's candidates, then one lookup per extra entry. */
+void drop_seen(const int64_t *cand, int64_t n, int64_t *extra, int64_t m, int64_t T, int B, int KVH) {
+    int64_t words = (T + 63) / 64;
+    uint64_t *seen = malloc(sizeof(uint64_t) * (size_t)words);
+    for (int64_t bh = 0; bh < (int64_t)B * KVH; bh++) {
+        memset(seen, 0, sizeof(uint64_t) * (size_t)words);
+        const int64_t *c = cand + bh * n;
+        for (int64_t j = 0; j < n; j++)
+            if (c[j] >= 0 && c[j] < T) seen[c[j] >> 6] |= 1ull << (c[j] & 63);
+        int64_t *e = extra + bh * m;
+        for (int64_t j = 0; j < m; j++)
+            if (e[j] >= 0 && e[j] < T && (seen[e[j] >> 6] >> (e[j] & 63) & 1)) e[j] = -1;
+    }
+    free(seen);
 }
 
 /* The k largest scores of each (row, KV head) -> their positions, ascending. Ties go to the lower candidate index
@@ -963,6 +990,26 @@ static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k) {
 #endif
 }
 
+/* The same for k far below n (k * 64 <= n: the in-line check's few best of a whole cache): the k-th largest of the
+ * maxima of blocks of 32 is a lower bound of the answer (k blocks hold a key at least that large), so only the keys
+ * at or above it (a short list, a few k in practice) need the full search: two passes over the keys, not 32. */
+static uint32_t kth_largest_few(const uint32_t *keys, int64_t n, int64_t k) {
+    int64_t nb = n / 32, m = 0;
+    uint32_t *best = malloc(sizeof(uint32_t) * (size_t)(nb + n));
+    uint32_t *shortlist = best + nb;
+    for (int64_t b = 0; b < nb; b++) {
+        uint32_t mx = 0;
+        for (int j = 0; j < 32; j++) mx = keys[b * 32 + j] > mx ? keys[b * 32 + j] : mx;
+        best[b] = mx;
+    }
+    uint32_t floor_key = kth_largest_key(best, nb, k);
+    for (int64_t j = 0; j < n; j++)                     /* keepers are rare: a branch that is predicted */
+        if (keys[j] >= floor_key) shortlist[m++] = keys[j];
+    uint32_t t = kth_largest_key(shortlist, m, k);
+    free(best);
+    return t;
+}
+
 static int cmp_i64(const void *a, const void *b) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return (x > y) - (x < y);
@@ -984,12 +1031,21 @@ void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t
         uint32_t thr = 0;
         int64_t ties = kk;
         if (kk < n) {
-            thr = kth_largest_key(key, n, kk);
+            thr = kk * 64 <= n ? kth_largest_few(key, n, kk) : kth_largest_key(key, n, kk);
             int64_t above = 0;
             for (int64_t j = 0; j < n; j++) above += key[j] > thr;
             ties = kk - above;
         }
         int64_t m = 0, sorted = 1;
+        if (kk * 64 <= n) {                               /* few picks among many: a predicted branch per key */
+            for (int64_t j = 0; j < n && m < kk; j++)
+                if (key[j] > thr || (key[j] == thr && ties > 0)) {
+                    ties -= key[j] == thr;
+                    ix[m] = pos ? pos[j] : lo + j;
+                    sorted &= m == 0 || ix[m] >= ix[m - 1];
+                    m++;
+                }
+        }
         for (int64_t j = 0; j < n && m < kk; j++) {       /* branch-free: write every candidate, advance on a pick */
             int64_t eq = key[j] == thr && ties > 0;
             int64_t take = key[j] > thr || eq;

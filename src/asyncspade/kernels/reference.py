@@ -154,6 +154,13 @@ def page_append(k, pmin, pmax, start, page_size) -> None:
     pmax[rows, :, page] = torch.where(first, new, torch.maximum(pmax[rows, :, page], new))
 
 
+def drop_seen(cand, extra, limit) -> torch.Tensor:
+    b, kvh, _ = cand.shape
+    seen = torch.zeros(b, kvh, limit + 1, dtype=torch.bool, device=cand.device)
+    seen.scatter_(-1, (cand + 1).clamp(0, limit), True)               # -1 (none) marks column 0
+    return extra.copy_(torch.where(seen.gather(-1, (extra + 1).clamp(0, limit)), -1, extra))
+
+
 def sketch_write(k, ks, kq, start, count) -> None:
     b, kvh, t, d = k.shape
     blocks = ks.view(b, kvh, ks.shape[2], d // 8, 16, 4)                 # [.., block, vector, token, channel]

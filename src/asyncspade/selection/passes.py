@@ -112,6 +112,18 @@ def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: tor
     return proposed(plan, q, keys, hi, plan.ahead_width - plan.gap, scale, summaries, reserve)
 
 
+def with_check(plan: SelectionPlan, q: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor],
+               lengths: torch.Tensor, cand: torch.Tensor, scale: float) -> torch.Tensor:
+    """The candidates ``cand`` and the ``cfg.check`` best tokens of ``[sink, lengths - recent)`` for the layer's true
+    query ``q``, scored from the key sketch: ``[B, KVH, M + check]`` (those already among the candidates -1, so no
+    position is there twice). The tokens a query attends to most can be ones no earlier query did: no forecast
+    proposes them, and missing one costs more than missing hundreds of the weakest (BENCHMARKS.md section 0)."""
+    cfg = plan.cfg
+    hi = lengths - cfg.recent
+    extra = sketch_candidates(cfg, q, *sketch, hi, cfg.check, scale, reserve=(hi, 0, 0))
+    return torch.cat([cand, kernels.drop_seen(cand, extra, int(lengths.max()))], -1)
+
+
 def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
            scale: float, gathered: bool = False) -> torch.Tensor:
     """In-line, with the layer's true query ``q [B, H, D]``: the exact top-k of the candidates ``cand`` that lie in
