@@ -594,6 +594,12 @@ def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
     assert 123 in union[0, 0].tolist()
     checked = refine(plan, q, keys, lengths, union, 1.0)
     assert 123 in checked[0, 0].tolist()
+    # a cache shorter than the check: every position at most once
+    short = with_check(SelectionPlan.of(cfg.replace(check=64), T), q, store.sketch(0, 0, 1), torch.tensor([40]),
+                       cand[..., :4], 1.0)
+    for h in range(2):
+        got = [p for p in short[0, h].tolist() if p >= 0]
+        assert len(got) == len(set(got)) and max(got) < 40 - cfg.recent
     with pytest.raises(ConfigError, match="check"):
         cfg.replace(check=-1).validate()
 

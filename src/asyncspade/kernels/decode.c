@@ -651,6 +651,29 @@ static void merge_probs(const float *s, const float *stat, float *glob, const ui
     }
 }
 
+/* A score's working memory: scaled scores [B, KVH, G, n], per chunk and query head (max, sum), per query head the
+ * merged (max, sum), and the candidates that may score (BLOCK bits a word). */
+typedef struct { float *s, *stat, *glob; uint16_t *okbits; int64_t nc, items, nblk; } score_mem;
+
+static score_mem score_alloc(int B, int KVH, int G, int64_t n, int64_t CH) {
+    score_mem m;
+    m.nc = (n + CH - 1) / CH;
+    m.items = (int64_t)B * KVH * m.nc;
+    m.nblk = (n + BLOCK - 1) / BLOCK;                 /* CH is a multiple of BLOCK: blocks never straddle */
+    m.s = malloc(sizeof(float) * (size_t)B * KVH * G * n);
+    m.stat = malloc(sizeof(float) * (size_t)m.items * G * 2);
+    m.glob = malloc(sizeof(float) * (size_t)B * KVH * G * 2);
+    m.okbits = malloc(sizeof(uint16_t) * (size_t)(B * KVH * m.nblk > 0 ? B * KVH * m.nblk : 1));
+    return m;
+}
+
+static void score_free(score_mem *m) {
+    free(m->okbits);
+    free(m->glob);
+    free(m->stat);
+    free(m->s);
+}
+
 #define SCORE_AHEAD 64
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
                        int64_t *p) {
@@ -668,13 +691,10 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
     bound_fn fast_bound = (vec && k2) ? special_bound(G, D) : NULL;
 #endif
     const int64_t CH = 1024, rowbytes = (int64_t)D * (kv_bf16 ? 2 : 4);
-    int64_t nc = (n + CH - 1) / CH;
-    int64_t items = (int64_t)B * KVH * nc;
-    float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);          /* [B, KVH, G, n] scaled scores */
-    float *stat = malloc(sizeof(float) * (size_t)items * G * 2);         /* per chunk and query head: max, sum */
-    float *glob = malloc(sizeof(float) * (size_t)B * KVH * G * 2);
-    int64_t nblk = (n + BLOCK - 1) / BLOCK;                 /* CH is a multiple of BLOCK: blocks never straddle */
-    uint16_t *okbits = malloc(sizeof(uint16_t) * (size_t)(B * KVH * nblk > 0 ? B * KVH * nblk : 1));
+    score_mem m = score_alloc(B, KVH, G, n, CH);
+    float *s = m.s, *stat = m.stat, *glob = m.glob;
+    uint16_t *okbits = m.okbits;
+    int64_t nc = m.nc, items = m.items, nblk = m.nblk;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
@@ -761,10 +781,7 @@ void score(const float *q, const void *k, const void *k2, int kv_bf16, int64_t s
         }
         merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
     }
-    free(okbits);
-    free(glob);
-    free(stat);
-    free(s);
+    score_free(&m);
 }
 
 /* ------------------------------------------------------------------------------------------------ key sketch */
@@ -817,12 +834,11 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
                   int64_t qh, int64_t T, int64_t lo, const int64_t *hi, int64_t n, float *out, int B, int KVH, int G,
                   int D, float scale, int agg_max, int nthreads) {
     const int64_t CH = 1024;
-    int64_t nc = (n + CH - 1) / CH, items = (int64_t)B * KVH * nc, nblk = (n + BLOCK - 1) / BLOCK;
+    score_mem m = score_alloc(B, KVH, G, n, CH);
+    float *s = m.s, *stat = m.stat, *glob = m.glob;
+    uint16_t *okbits = m.okbits;
+    int64_t nc = m.nc, items = m.items, nblk = m.nblk;
     int nq = B * KVH * G, V = D / 8;
-    float *s = malloc(sizeof(float) * (size_t)B * KVH * G * n);
-    float *stat = malloc(sizeof(float) * (size_t)items * G * 2);
-    float *glob = malloc(sizeof(float) * (size_t)nq * 2);
-    uint16_t *okbits = malloc(sizeof(uint16_t) * (size_t)(B * KVH * nblk > 0 ? B * KVH * nblk : 1));
     int8_t *qi = malloc((size_t)nq * D);                 /* per query head: int8 query, its scale, its sum */
     float *qs = malloc(sizeof(float) * (size_t)nq * 2);
     for (int i = 0; i < nq; i++) {
@@ -920,10 +936,7 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
     }
     free(qs);
     free(qi);
-    free(okbits);
-    free(glob);
-    free(stat);
-    free(s);
+    score_free(&m);
 }
 
 /* Entries of extra [B, KVH, m] that are among cand [B, KVH, n] (both positions < T, or < 0 for none) become -1:

@@ -120,7 +120,8 @@ def with_check(plan: SelectionPlan, q: torch.Tensor, sketch: tuple[torch.Tensor,
     proposes them, and missing one costs more than missing hundreds of the weakest (BENCHMARKS.md section 0)."""
     cfg = plan.cfg
     hi = lengths - cfg.recent
-    extra = sketch_candidates(cfg, q, *sketch, hi, cfg.check, scale, reserve=(hi, 0, 0))
+    n = min(cfg.check, int(hi.max()))           # a short cache: no more than it has (a pick is never repeated)
+    extra = sketch_candidates(cfg, q, *sketch, hi, n, scale, reserve=(hi, 0, 0))
     return torch.cat([cand, kernels.drop_seen(cand, extra, int(lengths.max()))], -1)
 
 
