@@ -448,17 +448,26 @@ def test_gathered_candidates_follow_changing_lists(backend):
     store = KVStore(num_layers=2, slots=2, kv_heads=3, max_tokens=256, head_dim=16, dtype=torch.bfloat16)
     store.k.copy_(torch.randn(store.k.shape, generator=torch.Generator().manual_seed(3)))
     ck = CandidateKeys(store, sparse_layers=[1], width=40)
+    checked = CandidateKeys(store, sparse_layers=[1], width=46)        # with the check's 6 tokens in the last rows
     batch = Batch(lo=0, hi=2, start=torch.tensor([200, 150]), q_len=1)
     g = torch.Generator().manual_seed(4)
     with kernels.torch_only() if backend == "torch" else contextlib.nullcontext():
-        for _ in range(12):
-            pages = torch.stack([torch.stack([torch.randperm(12, generator=g)[:9] for _ in range(3)]) for _ in range(2)])
-            cand = (pages.sort(-1).values[..., None] * 4 + torch.arange(4)).flatten(2)[..., :36]      # [2, 3, 36]
-            cand = torch.cat([cand, torch.full((2, 3, 4), -1)], -1)
-            cand[0, 1, 5:9] = -1                                              # a page tail past the end
-            got = ck.get(1, batch, cand)
-            ok = (cand >= 0)[..., None]
-            assert torch.equal(torch.where(ok, got, 0), torch.where(ok, gather_rows(store.k[1, 0:2], cand.clamp(min=0)), 0))
+        for step in range(12):
+            if step % 3 == 0:               # a list serves three steps (its generation), the check's tokens one
+                pages = torch.stack([torch.stack([torch.randperm(12, generator=g)[:9] for _ in range(3)])
+                                     for _ in range(2)])
+                cand = (pages.sort(-1).values[..., None] * 4 + torch.arange(4)).flatten(2)[..., :36]  # [2, 3, 36]
+                cand = torch.cat([cand, torch.full((2, 3, 4), -1)], -1)
+                cand[0, 1, 5:9] = -1                                          # a page tail past the end
+            extra = torch.randint(48, 150, (2, 3, 6), generator=g)
+            extra[1, 2, 3] = -1                                               # already among the candidates
+            generation = np.full(2, step // 3)
+            for buf, ext in ((ck, None), (checked, extra)):
+                got = buf.get(1, batch, cand, None if ext is None else generation, ext)
+                full = cand if ext is None else torch.cat([cand, ext], -1)
+                ok = (full >= 0)[..., None]
+                want = gather_rows(store.k[1, 0:2], full.clamp(min=0))
+                assert torch.equal(torch.where(ok, got, 0), torch.where(ok, want, 0))
 
 
 def test_refresh_passes_are_spread_over_the_steps(monkeypatch):
@@ -568,7 +577,7 @@ def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
     the forecast's candidates (never twice), so a token it attends to strongly is picked even when no forecast
     proposed it."""
     from asyncspade.methods import method_class
-    from asyncspade.selection.passes import refine, with_check
+    from asyncspade.selection.passes import check_tokens, refine
     from asyncspade.selection.plan import SelectionPlan
     T, n, d = 400, 300, 16
     store = KVStore(1, 1, 2, T, d, torch.float32, page_size=8, track_sketch=True)
@@ -586,7 +595,7 @@ def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
     keys = store.k[0, 0:1]
     plain = refine(plan, q, keys, lengths, cand, 1.0)
     assert 123 not in plain[0, 0].tolist()
-    union = with_check(plan, q, store.sketch(0, 0, 1), lengths, cand, 1.0)
+    union = torch.cat([cand, check_tokens(plan, q, store.sketch(0, 0, 1), lengths, cand, 1.0)], -1)
     assert union.shape[-1] == cand.shape[-1] + cfg.check
     for h in range(2):
         got = [p for p in union[0, h].tolist() if p >= 0]
@@ -595,8 +604,8 @@ def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
     checked = refine(plan, q, keys, lengths, union, 1.0)
     assert 123 in checked[0, 0].tolist()
     # a cache shorter than the check: every position at most once
-    short = with_check(SelectionPlan.of(cfg.replace(check=64), T), q, store.sketch(0, 0, 1), torch.tensor([40]),
-                       cand[..., :4], 1.0)
+    short = torch.cat([cand[..., :4], check_tokens(SelectionPlan.of(cfg.replace(check=64), T), q,
+                                                   store.sketch(0, 0, 1), torch.tensor([40]), cand[..., :4], 1.0)], -1)
     for h in range(2):
         got = [p for p in short[0, h].tolist() if p >= 0]
         assert len(got) == len(set(got)) and max(got) < 40 - cfg.recent

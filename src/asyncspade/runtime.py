@@ -20,7 +20,7 @@ from .methods import Selection, make_method
 from .predictor import xlayer_query
 from .selection import Selector, make_selector
 from .selection.candidate_keys import CandidateKeys
-from .selection.passes import refine, with_check
+from .selection.passes import check_tokens, refine
 
 
 MIN_SPARSE_ENV = "ASYNCSPADE_MIN_SPARSE"
@@ -142,12 +142,13 @@ class SparseRuntime:
         if sparse_layer and self.cfg.sparse_at(batch.max_len):
             sel = self.method.select(self, layer, q, batch)
             if sel is not None and sel.candidates:       # the true query picks the exact top-k in-line
-                cand, generation = sel.idx, self.selector.generation(layer, batch)
+                cand, extra = sel.idx, None
                 if self.cfg.check:      # the true query's own best tokens join them (the buffer's last rows)
-                    cand = with_check(self.selector.plan, q, self.store.sketch(layer, batch.lo, batch.hi),
-                                      batch.lengths, cand, self.scale)
-                    generation = None   # a new list every step
-                keys = self.candidate_keys.get(layer, batch, cand, generation)
+                    extra = check_tokens(self.selector.plan, q, self.store.sketch(layer, batch.lo, batch.hi),
+                                         batch.lengths, cand, self.scale)
+                keys = self.candidate_keys.get(layer, batch, cand, self.selector.generation(layer, batch), extra)
+                if extra is not None:
+                    cand = torch.cat([cand, extra], -1)
                 gathered = keys is not None
                 if not gathered:
                     keys = self.store.k[layer, batch.lo:batch.hi]

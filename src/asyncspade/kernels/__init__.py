@@ -43,7 +43,7 @@ SIGNATURES = {
     "sketch_write": [_P, _I, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _I, _I, _I, _I],
     "sketch_score": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _P, _I, _I, _I, _I, _F, _I, _I],
     "drop_seen": [_P, _I64, _P, _I64, _I64, _I, _I],
-    "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I, _P, _I],
+    "gather_candidates": [_P, _I64, _I64, _I, _P, _P, _P, _P, _I, _I, _I64, _I64, _I, _P, _I],
     "layer_pre": [_P, _P, _P, _I, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _I, _I64, _I64, _P, _P, _I64, _I64,
                   _I, _I, _I, _I, _I],
     "layer_post": [_P, _P, _P, _P, _P, _P, _P, _P, _F, _P, _I, _I],
@@ -433,16 +433,20 @@ def gather_candidates(k: torch.Tensor, cand: torch.Tensor, held: torch.Tensor, l
     """Keep ``out [B, KVH, W, D]`` holding the keys of the positions ``cand [B, KVH, W]`` (< 0: none) in ``k [B, KVH,
     T, D]``: entries whose ``held`` differs from ``cand`` are copied and ``held`` updated (in place) to the position,
     or to -3 where it is not written yet (>= ``lengths[b]``: copied again next time). Returns the rows copied and how
-    many of them are not written yet (0: ``out`` now holds every candidate's key)."""
+    many of them are not written yet (0: ``out`` now holds every candidate's key). ``held`` and ``out`` may be
+    column slices of wider buffers (``[..., j:j + W]``: another list's columns beside them)."""
     if not _use_c(k, out):
         return reference.gather_candidates(k, cand, held, lengths, out)
-    assert out.is_contiguous() and held.is_contiguous() and out.dtype == k.dtype and k.stride(3) == 1
-    sb, sh = _store_strides(k)
     b, kvh, w = cand.shape
+    r = held.stride(1)                        # entries per (row, head) of the buffers the slices are cut from
+    assert held.stride(0) == kvh * r and held.stride(2) == 1 and out.stride()[:3] == (kvh * r * out.shape[3],
+                                                                                      r * out.shape[3], out.shape[3])
+    assert out.stride(3) == 1 and out.dtype == k.dtype and k.stride(3) == 1
+    sb, sh = _store_strides(k)
     cand, lengths = cand.contiguous(), lengths.contiguous()
     pending = ctypes.c_int64(0)
     copied = _lib.gather_candidates(_ptr(k), sb, sh, k.element_size(), _ptr(cand), _ptr(held), _ptr(lengths),
-                                    _ptr(out), b, kvh, w, k.shape[3], ctypes.byref(pending), _threads())
+                                    _ptr(out), b, kvh, w, r, k.shape[3], ctypes.byref(pending), _threads())
     return copied, pending.value
 
 

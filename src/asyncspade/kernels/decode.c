@@ -1459,8 +1459,8 @@ static inline int stale_entry(const int64_t *held, const int64_t *cand, int64_t 
 }
 
 int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, const int64_t *cand, int64_t *held,
-                          const int64_t *len, void *dst, int B, int KVH, int64_t W, int D, int64_t *pending,
-                          int nthreads) {
+                          const int64_t *len, void *dst, int B, int KVH, int64_t W, int64_t R, int D,
+                          int64_t *pending, int nthreads) {
     const int64_t PIECE = 512;                   /* entries per work item */
     int64_t pieces = (W + PIECE - 1) / PIECE, copied = 0, waiting = 0, row = (int64_t)D * esize;
     #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : copied, waiting)
@@ -1468,9 +1468,9 @@ int64_t gather_candidates(const void *k, int64_t sb, int64_t sh, int esize, cons
         int64_t bh = it / pieces, j0 = it % pieces * PIECE, j1 = j0 + PIECE < W ? j0 + PIECE : W;
         int b = (int)(bh / KVH), h = (int)(bh % KVH);
         const int64_t *c = cand + bh * W;
-        int64_t *hd = held + bh * W;
+        int64_t *hd = held + bh * R;                 /* held and dst: R entries per (row, head), W of them used */
         const char *src = (const char *)k + (b * sb + h * sh) * esize;
-        char *out = (char *)dst + bh * W * row;
+        char *out = (char *)dst + bh * R * row;
         for (int64_t j = j0; j < j1;) {
             if (!stale_entry(hd, c, j)) { hd[j] = c[j]; j++; continue; }
             int64_t e = j + 1;

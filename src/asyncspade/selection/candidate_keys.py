@@ -33,24 +33,30 @@ class CandidateKeys:
         self.held[:, lo:hi] = -2
         self.complete[:, lo:hi] = -1
 
-    def get(self, layer: int, batch: Batch, cand: torch.Tensor,
-            generation: np.ndarray | None = None) -> torch.Tensor | None:
+    def get(self, layer: int, batch: Batch, cand: torch.Tensor, generation: np.ndarray | None = None,
+            extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """The keys of candidates ``cand [B, KVH, width]`` (positions; -1 for none) of the batch's rows, as
         ``[B, KVH, width, D]``: row j of a head is the key at ``cand[..., j]`` (or anything, where it is -1).
         None for a list of another width (a worker's fault path selects in-process, its own way).
 
         ``generation [B]`` (optional, >= 0): a number per row that the selector changes whenever it makes the row a
-        new list; a row whose list of this generation is already held whole is not compared again."""
-        if cand.shape[-1] != self.held.shape[-1]:
+        new list; a row whose list of this generation is already held whole is not compared again.
+        ``extra [B, KVH, m]``: more positions (the in-line check's, new at every step), whose keys follow the list's
+        in the buffer's last m rows; the list's own rows keep their shortcut."""
+        w, m = cand.shape[-1], 0 if extra is None else extra.shape[-1]
+        if w + m != self.held.shape[-1]:
             return None
         li = self.li[layer]
         keys = self.keys[li, batch.lo:batch.hi]
+        held = self.held[li, batch.lo:batch.hi]
+        k = self.store.k[layer, batch.lo:batch.hi]
+        if extra is not None:
+            self.gathers += kernels.gather_candidates(k, extra, held[..., w:], batch.lengths, keys[..., w:, :])[0]
         done = self.complete[li, batch.lo:batch.hi]
         known = generation is not None and bool((generation >= 0).all())
         if known and np.array_equal(done, generation):
             return keys
-        copied, pending = kernels.gather_candidates(self.store.k[layer, batch.lo:batch.hi], cand,
-                                                    self.held[li, batch.lo:batch.hi], batch.lengths, keys)
+        copied, pending = kernels.gather_candidates(k, cand, held[..., :w], batch.lengths, keys[..., :w, :])
         self.gathers += copied
         done[:] = generation if known and not pending else -1
         return keys

@@ -112,17 +112,17 @@ def candidates(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, hi: tor
     return proposed(plan, q, keys, hi, plan.ahead_width - plan.gap, scale, summaries, reserve)
 
 
-def with_check(plan: SelectionPlan, q: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor],
-               lengths: torch.Tensor, cand: torch.Tensor, scale: float) -> torch.Tensor:
-    """The candidates ``cand`` and the ``cfg.check`` best tokens of ``[sink, lengths - recent)`` for the layer's true
-    query ``q``, scored from the key sketch: ``[B, KVH, M + check]`` (those already among the candidates -1, so no
-    position is there twice). The tokens a query attends to most can be ones no earlier query did: no forecast
+def check_tokens(plan: SelectionPlan, q: torch.Tensor, sketch: tuple[torch.Tensor, torch.Tensor],
+                 lengths: torch.Tensor, cand: torch.Tensor, scale: float) -> torch.Tensor:
+    """The ``cfg.check`` best tokens of ``[sink, lengths - recent)`` for the layer's true query ``q``, scored from the
+    key sketch, to join the candidates ``cand``: ``[B, KVH, check]`` (-1 for those already among the candidates, so
+    no position is there twice). The tokens a query attends to most can be ones no earlier query did: no forecast
     proposes them, and missing one costs more than missing hundreds of the weakest (BENCHMARKS.md section 0)."""
     cfg = plan.cfg
     hi = lengths - cfg.recent
     n = min(cfg.check, int(hi.max()))           # a short cache: no more than it has (a pick is never repeated)
     extra = sketch_candidates(cfg, q, *sketch, hi, n, scale, reserve=(hi, 0, 0))
-    return torch.cat([cand, kernels.drop_seen(cand, extra, int(lengths.max()))], -1)
+    return kernels.drop_seen(cand, extra, int(lengths.max()))
 
 
 def refine(plan: SelectionPlan, q: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, cand: torch.Tensor,
