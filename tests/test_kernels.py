@@ -115,6 +115,11 @@ def test_sketch_matches_reference(dtype, d, g, aggregate):
     got = K.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, aggregate)
     torch.testing.assert_close(got, R.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, aggregate), atol=1e-6, rtol=1e-4)
     assert bool((got[:, :, :4] == -1).all()) and bool((got[1, :, 900:] == -1).all())    # outside [lo, hi)
+    # the check's ranking: the largest score less its head's maximum, no softmax
+    logit = K.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, "logit")
+    torch.testing.assert_close(logit, R.sketch_score(q, ks, kq, 0.1, 4, hi, 2450, "logit"), atol=1e-5, rtol=1e-5)
+    assert bool((logit[..., 4:2400] <= 0).all()) and float(logit[0, 0, 4:2400].max()) == 0.0
+    assert bool((logit[1, :, 900:] < -1e30).all())
     # close to the exact scores of the keys it copies: the same best tokens, nearly
     exact = R.score(q, k, 0.1, lo=4, hi=hi, n=2446, aggregate=aggregate)
     top = lambda x, lo: set((x[0, 0].topk(200).indices + lo).tolist())

@@ -404,15 +404,17 @@ def sketch_write(k: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, start: tor
 def sketch_score(q: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, scale: float, lo: int, hi: torch.Tensor,
                  n: int, aggregate: str = "sum") -> torch.Tensor:
     """:func:`score` of positions ``[0, n)`` (masked outside ``[lo, hi[b])``) from the key sketch (see
-    :func:`sketch_write`) instead of the keys: ``[B, KVH, n]``. ``q [B, KVH, G, D]`` fp32."""
+    :func:`sketch_write`) instead of the keys: ``[B, KVH, n]``. ``q [B, KVH, G, D]`` fp32. ``aggregate="logit"``:
+    no softmax, each position's largest scaled score less its query head's maximum (masked: -FLT_MAX), a ranking
+    for a few best positions that an exact re-rank follows."""
     if not _use_c(q, kq):
         return reference.sketch_score(q, ks, kq, scale, lo, hi, n, aggregate)
     b, kvh, g, d = q.shape
     q, hi = q.contiguous(), hi.contiguous()
     out = torch.empty(b, kvh, n)
     _lib.sketch_score(_ptr(q), _ptr(ks), _ptr(kq), ks.stride(0), ks.stride(1), kq.stride(0), kq.stride(1),
-                      kq.shape[3], lo, _ptr(hi), n, _ptr(out), b, kvh, g, d, scale, int(aggregate == "max"),
-                      _threads())
+                      kq.shape[3], lo, _ptr(hi), n, _ptr(out), b, kvh, g, d, scale,
+                      {"sum": 0, "max": 1, "logit": 2}[aggregate], _threads())
     return out
 
 

@@ -15,6 +15,7 @@
  * Storage dtypes: KV store bf16 or fp32; activations in/out bf16 or fp32 (flags). Built at first use with the
  * machine's own compiler flags (-march=native), OpenMP from the same libgomp torch loaded (one thread pool).
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -651,6 +652,47 @@ static void merge_probs(const float *s, const float *stat, float *glob, const ui
     }
 }
 
+/* The in-line check's ranking, no softmax: each candidate's largest scaled score less its query head's maximum over
+ * all candidates (how close some head of the group comes to its best); masked candidates -FLT_MAX. st holds each
+ * chunk's max per query head (chunk_exp not run). Inside the caller's parallel region. */
+static void merge_logits(const float *s, const float *stat, float *glob, const uint16_t *okbits, float *out,
+                         int64_t n, int64_t CH, int64_t nc, int B, int KVH, int G) {
+    int64_t nblk = (n + BLOCK - 1) / BLOCK, items = (int64_t)B * KVH * nc;
+    #pragma omp for schedule(static)
+    for (int64_t bhg = 0; bhg < (int64_t)B * KVH * G; bhg++) {
+        int64_t bh = bhg / G;
+        int g = (int)(bhg % G);
+        float mx = -FLT_MAX;
+        for (int64_t c = 0; c < nc; c++) { float m = stat[((bh * nc + c) * G + g) * 2]; mx = m > mx ? m : mx; }
+        glob[bhg * 2] = mx;
+    }
+    #pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+        int64_t bh = it / nc, c = it % nc;
+        const float *sbh = s + bh * G * n;
+        float *o = out + bh * n;
+        int64_t c1 = (c + 1) * CH < n ? (c + 1) * CH : n, j = c * CH;
+#ifdef __AVX512F__
+        for (; j + 16 <= c1; j += 16) {
+            __m512 a = _mm512_set1_ps(-FLT_MAX);
+            for (int g = 0; g < G; g++)
+                a = _mm512_max_ps(a, _mm512_sub_ps(_mm512_loadu_ps(sbh + g * n + j),
+                                                   _mm512_set1_ps(glob[(bh * G + g) * 2])));
+            _mm512_storeu_ps(o + j, _mm512_mask_mov_ps(_mm512_set1_ps(-FLT_MAX),
+                                                       (__mmask16)okbits[bh * nblk + j / BLOCK], a));
+        }
+#endif
+        for (; j < c1; j++) {
+            float a = -FLT_MAX;
+            for (int g = 0; g < G; g++) {
+                float x = sbh[g * n + j] - glob[(bh * G + g) * 2];
+                a = x > a ? x : a;
+            }
+            o[j] = ((okbits[bh * nblk + j / BLOCK] >> (j % BLOCK)) & 1) ? a : -FLT_MAX;
+        }
+    }
+}
+
 /* A score's working memory: scaled scores [B, KVH, G, n], per chunk and query head (max, sum), per query head the
  * merged (max, sum), and the candidates that may score (BLOCK bits a word). */
 typedef struct { float *s, *stat, *glob; uint16_t *okbits; int64_t nc, items, nblk; } score_mem;
@@ -930,9 +972,10 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
             for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
 #endif
-            chunk_exp(sbh, st, n, c * CH, c1, G);
+            if (agg_max < 2) chunk_exp(sbh, st, n, c * CH, c1, G);
         }
-        merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
+        if (agg_max == 2) merge_logits(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G);
+        else merge_probs(s, stat, glob, okbits, out, n, CH, nc, B, KVH, G, agg_max);
     }
     free(qs);
     free(qi);

@@ -199,6 +199,9 @@ def sketch_score(q, ks, kq, scale, lo, hi, n, aggregate="sum") -> torch.Tensor:
     pos = torch.arange(n, device=q.device)
     ok = ((pos >= lo) & (pos < hi.to(q.device)[:, None]))[:, None, :].expand(b, kvh, n)
     s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
+    if aggregate == "logit":
+        top = s.amax(-1, keepdim=True).clamp(min=-torch.finfo(torch.float32).max)
+        return (s - top).amax(2).masked_fill(~ok, -torch.finfo(torch.float32).max)
     p = torch.nan_to_num(s.softmax(-1), nan=0.0)
     agg = p.sum(2) if aggregate == "sum" else p.amax(2)
     return agg.masked_fill(~ok, -1.0)

@@ -43,13 +43,15 @@ def page_candidates(cfg: SparseConfig, q: torch.Tensor, pmin: torch.Tensor, pmax
 
 
 def sketch_candidates(cfg: SparseConfig, q: torch.Tensor, ks: torch.Tensor, kq: torch.Tensor, hi: torch.Tensor,
-                      n_tokens: int, scale: float, reserve: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
-    """Token positions of the best ``n_tokens`` of ``[sink, hi)`` by query ``q``'s aggregated probability scored
-    from the key sketch ``(ks, kq)`` (:meth:`~asyncspade.kvcache.KVStore.sketch`): ``[B, KVH, n_tokens']``, masked
-    or extended by ``reserve`` as :func:`~asyncspade.scoring.topk_tokens`."""
+                      n_tokens: int, scale: float, reserve: tuple[torch.Tensor, int, int] | None = None,
+                      aggregate: str | None = None) -> torch.Tensor:
+    """Token positions of the best ``n_tokens`` of ``[sink, hi)`` by query ``q``'s aggregated probability (or
+    ``aggregate``, see :func:`~asyncspade.kernels.sketch_score`) scored from the key sketch ``(ks, kq)``
+    (:meth:`~asyncspade.kvcache.KVStore.sketch`): ``[B, KVH, n_tokens']``, masked or extended by ``reserve`` as
+    :func:`~asyncspade.scoring.topk_tokens`."""
     b, h, d = q.shape
     qg = q.float().reshape(b, ks.shape[1], h // ks.shape[1], d)
-    p = kernels.sketch_score(qg, ks, kq, scale, cfg.sink, hi, int(hi.max()), cfg.aggregate)
+    p = kernels.sketch_score(qg, ks, kq, scale, cfg.sink, hi, int(hi.max()), aggregate or cfg.aggregate)
     mask_hi, gap, limit = reserve if reserve is not None else (None, 0, 0)
     return kernels.topk(p, n_tokens, hi=mask_hi, gap=gap, limit=limit)
 
@@ -121,7 +123,8 @@ def check_tokens(plan: SelectionPlan, q: torch.Tensor, sketch: tuple[torch.Tenso
     cfg = plan.cfg
     hi = lengths - cfg.recent
     n = min(cfg.check, int(hi.max()))           # a short cache: no more than it has (a pick is never repeated)
-    extra = sketch_candidates(cfg, q, *sketch, hi, n, scale, reserve=(hi, 0, 0))
+    # ranked by how close some head comes to its best score (no softmax): the refinement re-ranks them exactly
+    extra = sketch_candidates(cfg, q, *sketch, hi, n, scale, reserve=(hi, 0, 0), aggregate="logit")
     return kernels.drop_seen(cand, extra, int(lengths.max()))
 
 
