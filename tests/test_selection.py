@@ -569,7 +569,8 @@ def test_key_summaries_follow_every_write(tiny_llama, chunk, weights, method):
                 assert torch.equal(st.kq[layer, slot, :, :, :m], fresh.kq[layer, 0, :, :, :m])
                 blocks = st.ks[layer, slot, :, :(m + 15) // 16].view(st.kv_heads, -1, st.head_dim // 8, 16, 4)
                 want = fresh.ks[layer, 0, :, :(m + 15) // 16].view(blocks.shape)
-                assert torch.equal(blocks.transpose(2, 3).flatten(1, 2)[:, :m], want.transpose(2, 3).flatten(1, 2)[:, :m])
+                tokens = lambda b: b.transpose(2, 3).flatten(1, 2)[:, :m]          # noqa: E731  [KVH, m, D/8, 4]
+                assert torch.equal(tokens(blocks), tokens(want))
 
 
 def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
@@ -587,7 +588,8 @@ def test_check_adds_the_true_querys_best_tokens_the_candidates_missed():
     store.k[0, 0, 0, 123] = q[0, 0] * 2.0                 # the token KV head 0's first query attends to most
     store.rebuild(0, 0, 0, n)
     cfg = SparseConfig(method="asyncspade", budget=48, sink=4, recent=8, dense_layers=0, check=8)
-    assert method_class(cfg).needs_sketch(cfg) and not method_class(cfg.replace(check=0)).needs_sketch(cfg.replace(check=0))
+    off = cfg.replace(check=0)
+    assert method_class(cfg).needs_sketch(cfg) and not method_class(off).needs_sketch(off)
     plan = SelectionPlan.of(cfg, T)
     lengths = torch.tensor([n])
     keep = [p for p in range(cfg.sink, n - cfg.recent) if p != 123][::3]

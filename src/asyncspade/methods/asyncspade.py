@@ -40,14 +40,16 @@ class AsyncSpade(SelectionMethod):
         return cfg.prefilter == "sketch" or (cfg.refine and cfg.check > 0)
 
     def selection_rows(self, plan=None):
-        """In-line: the refinement's candidates (keys), and with ``check`` the key sketch. Ahead: the step-ahead pass's page bounds (or every key),
-        once per ``refresh`` steps, and the cross-layer pass's keys (its candidates, or every key)."""
+        """In-line: the refinement's candidates (keys), and with ``check`` the key sketch. Ahead: the step-ahead
+        pass's page bounds, sketch or every key, once per ``refresh`` steps, and the cross-layer pass's keys (its
+        candidates, or every key)."""
         c = self.cfg
         refresh = plan.refresh if plan is not None else 1
         refined = plan is not None and plan.refine
         inline = (plan.result_width if refined else 0.0, SKETCH_ROW if refined and c.check else 0.0)
         temporal = plan is None or plan.temporal
-        scan = {"pages": 2.0 / c.page_size, "sketch": SKETCH_ROW, "none": 1.0}[c.prefilter] / refresh if temporal else 0.0
+        per_token = {"pages": 2.0 / c.page_size, "sketch": SKETCH_ROW, "none": 1.0}[c.prefilter]
+        scan = per_token / refresh if temporal else 0.0
         rescore = 0.0           # ridge with a prefilter, unrefined: the proposed tokens scored with the forecast
         if plan is not None and plan.prefilter != "none" and not plan.refine and not plan.hybrid:
             rescore = plan.prefilter_tokens / refresh
