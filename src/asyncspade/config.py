@@ -44,7 +44,7 @@ class SparseConfig:
     prefilter: str = "pages"    # step-ahead pass: rank pages by the Quest bound of the forecast query and keep their
                                 # tokens (pages: an eighth of the key bytes), score every token from the store's
                                 # 4-bit key copy (sketch: a quarter, finer but 6x the time at 32K; BENCHMARKS.md
-                                # section 0), or score every key (none)
+                                # section 0a), or score every key (none)
     aggregate: str = "sum"      # GQA: sum (or max) of per-head softmax probabilities -> one set per KV head
     refine: bool = True         # ridge/xlayer: the ahead pass proposes candidates and the layer's true query picks
                                 # the exact top-k among them in-line (hybrid refines with its cross-layer forecast)

@@ -101,7 +101,7 @@ class KVStore:
             self.pmax = _zeros(pshape, dtype, shared, device)
         self.track_sketch = track_sketch
         if track_sketch:
-            assert head_dim % 8 == 0, "the key sketch packs 8 channels per 4 bytes"
+            assert head_dim % 8 == 0 and head_dim <= 512, "the key sketch packs 8 channels per 4 bytes, up to 512"
             blocks = (max_tokens + 15) // 16
             self.ks = _zeros((num_layers, slots, kv_heads, blocks, 8 * head_dim), torch.uint8, shared, device)
             self.kq = _zeros((num_layers, slots, kv_heads, 2, max_tokens), torch.float32, shared, device)

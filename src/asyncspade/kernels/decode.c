@@ -566,15 +566,6 @@ void attend(const float *q, const void *k, const void *v, int kv_bf16, int64_t s
 
 /* ------------------------------------------------------------------------------------------------ selection */
 
-/* Aggregated probability of candidate keys, for top-k selection.
- * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked from
- * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL) and, when hi is given, only positions in
- * [lo, hi[b]); out [B, KVH, n] fp32. agg_max: max over the
- * group instead of sum. Masked candidates get -1 (below any probability). With ``k2`` the rows are pages: k holds
- * their channel-wise minima, k2 their maxima, and a page scores Quest's upper bound of q . k over its keys.
- * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores,
- * turned into exp(score - the chunk's max) with the chunk's sum; per (row, head, query head) the merged max and sum;
- * the probabilities, each chunk's exps times one factor (one exp per score, not two). */
 /* Scores of one chunk [j0, c1) of (row, head) -> exp(score - the chunk's max) per query head, and their sum
  * (0 where masked); st[2g] holds the chunk's max on entry, st[2g + 1] the sum on return. */
 static void chunk_exp(float *sbh, float *st, int64_t n, int64_t j0, int64_t c1, int G) {
@@ -716,6 +707,15 @@ static void score_free(score_mem *m) {
     free(m->s);
 }
 
+/* Aggregated probability of candidate keys, for top-k selection.
+ * q [B, KVH, G, D] fp32; keys: the store view as in attend; candidates: positions [lo, lo + n) masked from
+ * hi[b] on (idx NULL), or idx [B, KVH, n] with valid (may be NULL) and, when hi is given, only positions in
+ * [lo, hi[b]); out [B, KVH, n] fp32. agg_max: max over the
+ * group instead of sum. Masked candidates get -1 (below any probability). With ``k2`` the rows are pages: k holds
+ * their channel-wise minima, k2 their maxima, and a page scores Quest's upper bound of q . k over its keys.
+ * Three passes, the first and last split over (row, head, chunk of candidates) across the threads: scaled scores,
+ * turned into exp(score - the chunk's max) with the chunk's sum; per (row, head, query head) the merged max and sum;
+ * the probabilities, each chunk's exps times one factor (one exp per score, not two). */
 #define SCORE_AHEAD 64
 static inline int cand(const int64_t *pos, const uint8_t *val, int64_t lo, const int64_t *hi, int b, int64_t j,
                        int64_t *p) {
@@ -916,7 +916,6 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
                 uint16_t ok = (uint16_t)(((1u << z) - 1u) & ~((1u << a) - 1u));
                 okbits[bh * nblk + j0 / BLOCK] = ok;
                 const uint8_t *blk = kbh + (j0 / 16) * 8 * D;
-                int32_t dot[MAXG * BLOCK];
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
                 __m512i acc[MAXG];
                 for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_si512();
@@ -943,31 +942,24 @@ void sketch_score(const float *q, const uint8_t *ks, const float *kq, int64_t kb
                     _mm512_mask_storeu_ps(sbh + g * n + j0, live, x);
                     vmax[g] = _mm512_mask_max_ps(vmax[g], live, vmax[g], x);
                 }
-                continue;
 #else
                 for (int g = 0; g < G; g++) {
                     const int8_t *qg = qi + (bh * G + g) * D;
-                    for (int j = 0; j < BLOCK; j++) {
-                        int32_t a = 0;
+                    const float qsc = qs[2 * (bh * G + g)], qsum = qs[2 * (bh * G + g) + 1];
+                    for (int j = 0; j < nb; j++) {
+                        int32_t dot = 0;
                         for (int v = 0; v < V; v++)
                             for (int e = 0; e < 4; e++) {
                                 uint8_t u = blk[v * 64 + j * 4 + e];
-                                a += (u & 15) * qg[4 * v + e] + (u >> 4) * qg[D / 2 + 4 * v + e];
+                                dot += (u & 15) * qg[4 * v + e] + (u >> 4) * qg[D / 2 + 4 * v + e];
                             }
-                        dot[g * BLOCK + j] = a;
-                    }
-                }
-#endif
-                for (int g = 0; g < G; g++) {
-                    const float qsc = qs[2 * (bh * G + g)], qsum = qs[2 * (bh * G + g) + 1];
-                    for (int j = 0; j < nb; j++) {
                         int64_t p = j0 + j;
-                        float x = (ok >> j) & 1 ? (sc[p] * qsc * (float)dot[g * BLOCK + j] + mn[p] * qsum) * scale
-                                                : -INFINITY;
+                        float x = (ok >> j) & 1 ? (sc[p] * qsc * (float)dot + mn[p] * qsum) * scale : -INFINITY;
                         sbh[g * n + p] = x;
                         st[2 * g] = x > st[2 * g] ? x : st[2 * g];
                     }
                 }
+#endif
             }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
             for (int g = 0; g < G; g++) st[2 * g] = _mm512_reduce_max_ps(vmax[g]);
@@ -1101,8 +1093,7 @@ void topk(const float *scores, int64_t n, int64_t k, const int64_t *idx, int64_t
                     sorted &= m == 0 || ix[m] >= ix[m - 1];
                     m++;
                 }
-        }
-        for (int64_t j = 0; j < n && m < kk; j++) {       /* branch-free: write every candidate, advance on a pick */
+        } else for (int64_t j = 0; j < n && m < kk; j++) {   /* branch-free: write every candidate, advance on a pick */
             int64_t eq = key[j] == thr && ties > 0;
             int64_t take = key[j] > thr || eq;
             ties -= eq;

@@ -95,7 +95,7 @@ def temporal_pass(plan: SelectionPlan, windows: QueryWindows, li: int, keys: tor
     if plan.prefilter != "none":
         # a page may reach past the store's end: clamp (such positions are >= hi, masked downstream)
         cand = proposed(plan, q_hat, keys, hi_next, plan.prefilter_tokens, scale,
-                        summaries).clamp(min=0, max=keys.shape[2] - 1)
+                        summaries).clamp(max=keys.shape[2] - 1)
         if plan.hybrid:                                        # the prefilter's tokens are the superset
             return cand, q_hat
         valid = (cand >= cfg.sink) & (cand < hi_next.view(-1, 1, 1))
